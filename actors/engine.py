@@ -21,6 +21,9 @@ class SamplingParams:
     top_p: float = 1.0
     greedy: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    # Input-only tokens (audio placeholders, chat openers) the policy must never emit: a sampled
+    # <|AUDIO|> would corrupt the next forward pass. The learner masks the same ids.
+    suppress_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
 
 

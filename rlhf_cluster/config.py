@@ -66,6 +66,9 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    # verifiers the verifier service runs; every one is recorded, weighted or not
+    verifiers: list[str] = field(
+        default_factory=lambda: ["correct", "reasoning_present", "format"])
     # name -> weight; names are reward components produced by the services
     weights: dict[str, float] = field(
         default_factory=lambda: {"correct": 0.8, "reasoning_present": 0.2})
@@ -163,9 +166,17 @@ def validate(cfg: Any) -> None:
     if cfg.rollout.samples_per_prompt < 2 and cfg.rl.algorithm == "grpo":
         raise ConfigError("rollout.samples_per_prompt must be >= 2 for grpo "
                           f"(group-normalised advantages), got {cfg.rollout.samples_per_prompt}")
+    from reward_services.verifiers import VERIFIERS
+
+    for name in cfg.reward.verifiers:
+        if name not in VERIFIERS:
+            raise ConfigError(f"reward.verifiers contains {name!r}; expected names from {sorted(VERIFIERS)}")
     for name, weight in cfg.reward.weights.items():
         if not isinstance(weight, (int, float)):
             raise ConfigError(f"reward.weights.{name}={weight!r} must be a number")
+        if name not in cfg.reward.verifiers:
+            raise ConfigError(f"reward.weights.{name}: no reward service produces {name!r}; "
+                              f"components available: {list(cfg.reward.verifiers)}")
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"required config keys are not set: {sorted(missing)}")
@@ -191,7 +202,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{where}: bad key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: {key}: {reason}") from None
     validate(cfg)
     return cfg
 

@@ -1,0 +1,62 @@
+"""Connect to Ray: an embedded local instance, or an existing cluster, with token auth on.
+
+Ray 2.60 turns token authentication on for a new local instance and generates
+`~/.ray/auth_token`. A client joining an existing cluster must present that token; we switch
+`RAY_AUTH_MODE=token` on whenever a token is at hand (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`
+or the default file), so the project's own client never silently runs unauthenticated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+
+
+def prepare_auth(token_path: str | None = None) -> str:
+    """Set the auth environment for a joining client; returns the mode in effect."""
+    if token_path:
+        if not Path(token_path).is_file():
+            raise FileNotFoundError(f"--auth-token-file {token_path}: no such file")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None:
+        has_token = ("RAY_AUTH_TOKEN" in os.environ or "RAY_AUTH_TOKEN_PATH" in os.environ
+                     or DEFAULT_TOKEN_PATH.is_file())
+        if has_token:
+            os.environ["RAY_AUTH_MODE"] = mode = "token"
+        else:
+            log.warning("No Ray auth token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or %s); "
+                        "joining a token-auth cluster will be refused", DEFAULT_TOKEN_PATH)
+            mode = "unset"
+    return mode
+
+
+def connect(cluster_cfg: Any, address: str | None = None, token_path: str | None = None) -> dict:
+    """Start or join Ray. Returns facts worth printing (address, dashboard URL)."""
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return {"address": ctx.gcs_address, "dashboard": None, "embedded": False}
+    address = address or cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    if address:
+        prepare_auth(token_path)
+        info = ray.init(address=address, namespace=cluster_cfg.namespace, runtime_env=env,
+                        log_to_driver=True)
+        embedded = False
+    else:
+        info = ray.init(num_cpus=cluster_cfg.num_cpus, num_gpus=cluster_cfg.num_gpus,
+                        include_dashboard=True, dashboard_host=cluster_cfg.dashboard_host,
+                        namespace=cluster_cfg.namespace, runtime_env=env, log_to_driver=True)
+        embedded = True
+    url = getattr(info, "dashboard_url", None)
+    return {"address": info.address_info.get("gcs_address") if hasattr(info, "address_info") else address,
+            "dashboard": f"http://{url}" if url else None, "embedded": embedded}

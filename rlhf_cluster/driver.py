@@ -1,0 +1,224 @@
+"""The driver: prepares inputs, starts the actors, and runs the stages a config lists.
+
+One RL step (synchronous, on-policy):
+sample prompts -> rollout workers generate n samples each -> reward router scores them ->
+group-normalised advantages -> learner group trains one step -> weights pushed to every
+rollout worker as the next version. Everything a step produces is written before the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cluster.cluster import connect
+from rlhf_cluster.config import to_yaml
+from rlhf_cluster.data.tasks import Task, load_tasks
+from rlhf_cluster.experience import Episode, collate, shard_episodes
+from rlhf_cluster.metrics import MetricsSink, Progress, plot_rewards, write_rollouts
+from rlhf_cluster.weight_sync import WeightSync
+
+log = logging.getLogger("rlhf_cluster")
+
+
+def prepare_inputs(cfg: Any) -> None:
+    """Build the offline tiny model and the synthetic dataset where the config asks for them."""
+    model_dir = Path(cfg.model.path)
+    if not (model_dir / "config.json").is_file() and cfg.model.build_tiny_if_missing:
+        from rlhf_cluster.tiny_model import build_tiny_model
+
+        print(f"building the tiny offline audio LM in {model_dir}", flush=True)
+        build_tiny_model(model_dir, seed=cfg.run.seed)
+    train = Path(cfg.data.train_path)
+    if not train.is_file() and cfg.data.synthetic:
+        from rlhf_cluster.data.synthetic import generate_synthetic
+
+        print(f"generating the synthetic spoken task in {train.parent}", flush=True)
+        paths = generate_synthetic(train.parent, num_tasks=cfg.data.synthetic_num_tasks,
+                                   seed=cfg.data.synthetic_seed)
+        if paths["tasks"].resolve() != train.resolve():
+            raise ValueError(f"data.train_path={train} but the generator wrote {paths['tasks']}; "
+                             "point data.train_path at <dir>/tasks.parquet")
+
+
+@dataclass
+class Actors:
+    workers: list
+    learner: Any
+    router: Any
+    services: dict
+    sync: WeightSync
+
+
+def start_actors(cfg: Any) -> Actors:
+    from actors.rollout_worker import RolloutWorker
+    from learners.group import LearnerGroup
+    from reward_services.router import RewardRouter
+    from reward_services.verifier_service import VerifierService
+
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster.adapters import make_adapter
+
+    adapter = make_adapter(cfg.model.adapter, cfg.model.path, AutoTokenizer.from_pretrained(cfg.model.path))
+    learner_cfg = {**OmegaConf.to_container(cfg.learner, resolve=True),
+                   "temperature": cfg.rollout.temperature,
+                   "suppress_token_ids": adapter.suppress_token_ids}
+    learner = LearnerGroup(cfg.model.path, learner_cfg, dtype=cfg.model.dtype, seed=cfg.run.seed)
+    verifier = ray.remote(VerifierService).options(
+        name="reward-verifier", num_cpus=cfg.reward.num_cpus).remote(list(cfg.reward.verifiers))
+    ray.get(verifier.__ray_ready__.remote())  # start-up must not count against reward.timeout_s
+    services = {"verifier": verifier}
+    router = RewardRouter(services, dict(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
+                          retries=cfg.reward.retries, on_failure=cfg.reward.on_failure)
+    worker_cls = ray.remote(RolloutWorker)
+    workers = [
+        worker_cls.options(name=f"rollout-{i}", num_cpus=cfg.rollout.num_cpus_per_worker,
+                           num_gpus=cfg.rollout.num_gpus_per_worker).remote(
+            i, cfg.model.path, adapter=cfg.model.adapter, dtype=cfg.model.dtype,
+            engine=cfg.rollout.engine, system_prompt=cfg.data.system_prompt, seed=cfg.run.seed)
+        for i in range(cfg.rollout.num_workers)
+    ]
+    ray.get([w.ready.remote() for w in workers])
+    return Actors(workers, learner, router, services, WeightSync(workers))
+
+
+class TaskSampler:
+    """Shuffled passes over the dataset, seeded, so runs are reproducible."""
+
+    def __init__(self, tasks: list[Task], seed: int):
+        self.tasks, self.rng, self.order = tasks, random.Random(seed), []
+
+    def sample(self, k: int) -> list[Task]:
+        out = []
+        while len(out) < k:
+            if not self.order:
+                self.order = list(range(len(self.tasks)))
+                self.rng.shuffle(self.order)
+            out.append(self.tasks[self.order.pop()])
+        return out
+
+
+def assign_advantages(episodes: list[Episode], std_norm: bool) -> None:
+    """GRPO: each episode's advantage is its reward normalised within its prompt's group."""
+    from learners.losses import group_advantages
+
+    groups: dict[str, list[Episode]] = {}
+    for ep in episodes:
+        groups.setdefault(ep.prompt_id, []).append(ep)
+    for group in groups.values():
+        rewards = torch.tensor([e.reward for e in group], dtype=torch.float)
+        for ep, adv in zip(group, group_advantages(rewards, len(group), std_norm=std_norm).tolist()):
+            ep.advantage = adv
+
+
+def generate(actors: Actors, tasks: list[Task], sampling: dict, step: int) -> list[Episode]:
+    chunks = [tasks[i::len(actors.workers)] for i in range(len(actors.workers))]
+    futures = [w.rollout.remote(c, sampling, step) for w, c in zip(actors.workers, chunks) if c]
+    try:
+        return [ep for part in ray.get(futures) for ep in part]
+    except ray.exceptions.RayActorError as exc:
+        raise RuntimeError(f"a rollout worker died during step {step}: {exc}") from exc
+
+
+def score(actors: Actors, episodes: list[Episode]) -> list[Episode]:
+    """Attach rewards; episodes the router could not score are dropped (and counted by it)."""
+    items = [{"episode_id": e.episode_id, "response": e.response_text, "task": e.task}
+             for e in episodes]
+    kept = []
+    for ep, scored in zip(episodes, actors.router.score(items)):
+        ep.rewards, ep.reward, ep.reward_error = scored.components, scored.reward, scored.error
+        if scored.reward is not None:
+            kept.append(ep)
+    return kept
+
+
+def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: MetricsSink) -> list[float]:
+    sampling = {"n": cfg.rollout.samples_per_prompt, "max_new_tokens": cfg.rollout.max_new_tokens,
+                "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
+    sampler = TaskSampler(tasks, cfg.run.seed)
+    progress = Progress(cfg.rl.steps, "rl")
+    pad_id = ray.get(actors.workers[0].pad_token_id.remote())
+    rewards = []
+    for step in range(1, cfg.rl.steps + 1):
+        t0 = time.perf_counter()
+        episodes = generate(actors, sampler.sample(cfg.rollout.prompts_per_step), sampling, step)
+        t_gen = time.perf_counter()
+        scored = score(actors, episodes)
+        if len(scored) < cfg.learner.num_ranks:
+            raise RuntimeError(f"step {step}: only {len(scored)} of {len(episodes)} episodes "
+                               f"were scored; reward failures: {actors.router.counters}")
+        assign_advantages(scored, cfg.learner.advantage_std_norm)
+        if cfg.run.save_rollouts:
+            write_rollouts(run_dir, step, episodes)
+        t_score = time.perf_counter()
+        shards = [collate(s, pad_id) for s in shard_episodes(scored, cfg.learner.num_ranks)]
+        train_metrics = actors.learner.train_step(shards)
+        t_train = time.perf_counter()
+        actors.sync.push(step, actors.learner.named_tensors())
+        t_end = time.perf_counter()
+        n_tokens = sum(e.num_response_tokens for e in episodes)
+        reward_mean = statistics.fmean(e.reward for e in scored)
+        rewards.append(reward_mean)
+        row = {"stage": "rl", "step": step, "reward_mean": reward_mean,
+               **{f"reward.{k}": statistics.fmean(e.rewards[k] for e in scored)
+                  for k in scored[0].rewards},
+               "samples": len(episodes), "dropped_episodes": len(episodes) - len(scored),
+               "samples_per_s": len(episodes) / (t_end - t0), "tokens_per_s": n_tokens / (t_end - t0),
+               "response_len_mean": n_tokens / len(episodes),
+               "step_time_s": t_end - t0, "gen_time_s": t_gen - t0, "score_time_s": t_score - t_gen,
+               "train_time_s": t_train - t_score, "sync_time_s": t_end - t_train,
+               "weight_version": actors.sync.version, "staleness_max": 0,
+               **{f"train.{k}": v for k, v in train_metrics.items()}}
+        sink.log(row)
+        if step % cfg.run.log_every == 0 or step == cfg.rl.steps:
+            print(progress.line(step, row), flush=True)
+    return rewards
+
+
+def summarize(rewards: list[float], window: int = 10) -> dict[str, float]:
+    k = min(window, max(1, len(rewards) // 2))
+    return {"first": statistics.fmean(rewards[:k]), "last": statistics.fmean(rewards[-k:]), "window": k}
+
+
+def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> dict:
+    """Run every stage in `cfg.run.stages`; returns a summary (also printed)."""
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(cfg.run.seed)
+    prepare_inputs(cfg)
+    task_set = load_tasks(cfg.data.train_path, on_bad_row=cfg.data.on_bad_row)
+    if not task_set.tasks:
+        raise ValueError(f"data.train_path={cfg.data.train_path}: no usable tasks")
+    info = connect(cfg.cluster, address=address, token_path=token_path)
+    print(f"ray: {info['address']} dashboard: {info['dashboard']}  run dir: {run_dir}", flush=True)
+    started = time.perf_counter()
+    actors = start_actors(cfg)
+    try:
+        actors.sync.push(0, actors.learner.named_tensors())
+        sink = MetricsSink(run_dir)
+        summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped_rows": len(task_set.skipped)}
+        if "rl" in cfg.run.stages:
+            rewards = rl_stage(cfg, actors, task_set.tasks, run_dir, sink)
+            summary["reward"] = summarize(rewards)
+            plot_rewards(sink.rows, run_dir / "reward_curve.png")
+        actors.learner.save(run_dir / "checkpoint")
+        summary["wall_time_s"] = time.perf_counter() - started
+        if "reward" in summary:
+            r = summary["reward"]
+            print(f"mean reward: first {r['window']} steps {r['first']:.3f} -> "
+                  f"last {r['window']} steps {r['last']:.3f}", flush=True)
+        print(f"done in {summary['wall_time_s']:.0f}s; checkpoint: {run_dir / 'checkpoint'}", flush=True)
+        return summary
+    finally:
+        actors.learner.shutdown()

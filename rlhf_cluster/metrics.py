@@ -1,0 +1,95 @@
+"""Run outputs that are not checkpoints: per-step metrics, rollout Parquet, progress, plots.
+
+Everything is written as the run goes (metrics.parquet is rewritten each step, one rollouts
+file per step), so a crash loses nothing already produced. Step figures are also exported as
+Ray metrics so the Ray dashboard (and its Prometheus/Grafana) shows them live.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rlhf_cluster.experience import Episode
+
+RAY_GAUGES = ("reward_mean", "samples_per_s", "tokens_per_s", "step_time_s", "weight_version",
+              "staleness_max", "dropped_episodes")
+
+
+class MetricsSink:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.parquet"
+        self.rows: list[dict[str, Any]] = []
+        self._gauges = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        pq.write_table(pa.Table.from_pylist(self.rows), self.path)
+        self._export_to_ray(row)
+
+    def _export_to_ray(self, row: dict[str, Any]) -> None:
+        from ray.util import metrics
+
+        if self._gauges is None:
+            self._gauges = {k: metrics.Gauge(f"rlhf_{k}", description=f"rlhf-cluster {k}",
+                                             tag_keys=("stage",)) for k in RAY_GAUGES}
+        for key, gauge in self._gauges.items():
+            if isinstance(row.get(key), (int, float)):
+                gauge.set(float(row[key]), tags={"stage": str(row.get("stage", ""))})
+
+
+def write_rollouts(run_dir: Path, step: int, episodes: list[Episode], stage: str = "rl") -> Path:
+    """One Parquet file per step; reward components become `reward.<name>` columns."""
+    out = Path(run_dir) / "rollouts"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ep in episodes:
+        row = ep.to_row(step)
+        for name, value in row.pop("rewards").items():
+            row[f"reward.{name}"] = value
+        row["stage"] = stage
+        rows.append(row)
+    path = out / f"{stage}-step-{step:06d}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+class Progress:
+    """One line per step: rates and an ETA from the mean step time so far."""
+
+    def __init__(self, total_steps: int, stage: str):
+        self.total, self.stage, self.start = total_steps, stage, time.perf_counter()
+
+    def line(self, step: int, row: dict[str, Any]) -> str:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (self.total - step) if step else math.nan
+        return (f"[{self.stage}] step {step}/{self.total} reward {row['reward_mean']:.3f} "
+                f"samples/s {row['samples_per_s']:.1f} tokens/s {row['tokens_per_s']:.0f} "
+                f"step {row['step_time_s']:.2f}s v{row['weight_version']} "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+
+
+def plot_rewards(rows: list[dict[str, Any]], png: Path, keys: tuple[str, ...] = ("reward_mean",)) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for key in keys + tuple(k for k in rows[0] if k.startswith("reward.")):
+        ax.plot(steps, [r.get(key) for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title("rlhf-cluster: reward per step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -1,0 +1,46 @@
+"""Config validation: errors name the key, the value and what is allowed."""
+
+import pytest
+
+from rlhf_cluster.config import ConfigError, load_config
+
+QS = "configs/quickstart.yaml"
+
+
+def test_quickstart_config_loads_with_overrides():
+    cfg = load_config(QS, ["rl.steps=7", "learner.zero_stage=3"])
+    assert cfg.rl.steps == 7 and cfg.learner.zero_stage == 3
+    assert cfg.reward.weights == {"correct": 0.8, "reasoning_present": 0.2}
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("rl.stepz=5", ["rl.stepz", "steps"]),
+    ("learner.zero_stage=5", ["learner.zero_stage=5", "[0, 1, 2, 3]"]),
+    ("learner.lr=abc", ["learner.lr", "abc"]),
+    ("rollout.engine=tgi", ["rollout.engine='tgi'", "'hf'", "'vllm'"]),
+    ("rollout.samples_per_prompt=1", ["rollout.samples_per_prompt", ">= 2"]),
+    ("rollout.top_p=1.5", ["rollout.top_p=1.5", "(0, 1]"]),
+    ("reward.weights.preference=1.0", ["reward.weights.preference", "correct"]),
+    ("reward.verifiers=[correct,vibes]", ["vibes", "exact_match"]),
+    ("run.stages=[rl,dance]", ["dance", "rl"]),
+    ("rl.steps=0", ["rl.steps=0", "> 0"]),
+])
+def test_bad_values_name_key_value_and_allowed(override, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(QS, [override])
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_override_without_equals_and_missing_file():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(QS, ["rl.steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_required_keys_reported(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rl: {steps: 3}\n")
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(f)

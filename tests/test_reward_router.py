@@ -1,0 +1,123 @@
+"""RewardRouter against real Ray actors: weighting, timeouts, dead actors, verifier errors."""
+
+import sys
+import time
+
+import pytest
+import ray
+
+from reward_services.router import RewardRouter, RewardServiceError, ScoredItem
+from reward_services.verifier_service import VerifierService
+
+GOOD = "<think> i count 3 syllables , voice sounds sad </think> sorry that sounds hard . the answer is 3"
+TASK = {"answer": "3"}
+WEIGHTS = {"correct": 0.8, "reasoning_present": 0.2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local(ray_session):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    yield
+
+
+class SlowService:
+    """Answers correctly, but only after `delay_s`: a reward model stuck on a slow GPU."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def score(self, items):
+        time.sleep(self.delay_s)
+        return [{"judge": 1.0} for _ in items]
+
+
+def actor(cls, *args):
+    """A started actor: worker start-up (seconds on a small box) must not count as a timeout."""
+    handle = ray.remote(cls).options(num_cpus=0).remote(*args)
+    ray.get(handle.__ray_ready__.remote())
+    return handle
+
+
+def verifiers():
+    return actor(VerifierService, ["correct", "reasoning_present"])
+
+
+def items(*responses, task=TASK):
+    return [{"episode_id": f"e{i}", "response": r, "task": task} for i, r in enumerate(responses)]
+
+
+def test_weighted_reward_matches_hand_computed_values():
+    router = RewardRouter({"verifiers": verifiers()}, WEIGHTS, timeout_s=30, retries=0, on_failure="fail")
+    scored = router.score(items(GOOD, "<think> x </think> the answer is 4", "3", "4"))
+    assert [s.reward for s in scored] == pytest.approx([1.0, 0.2, 0.8, 0.0])
+    assert scored[1] == ScoredItem("e1", pytest.approx(0.2), {"correct": 0.0, "reasoning_present": 1.0}, None)
+    assert router.counters == {"timeouts": 0, "errors": 0, "dropped": 0}
+    assert router.score([]) == []
+
+
+def test_components_from_several_services_are_all_kept():
+    router = RewardRouter({"verifiers": verifiers(), "judge": actor(SlowService, 0.0)},
+                          {**WEIGHTS, "judge": 0.5}, timeout_s=30, retries=0)
+    (scored,) = router.score(items(GOOD))
+    assert scored.components == {"correct": 1.0, "reasoning_present": 1.0, "judge": 1.0}
+    assert scored.reward == pytest.approx(1.5)
+
+
+def test_weight_without_component_is_a_config_error():
+    router = RewardRouter({"verifiers": verifiers()}, {"corect": 1.0}, timeout_s=30, retries=0)
+    with pytest.raises(ValueError, match=r"'corect'.*available: \['correct', 'reasoning_present'\]"):
+        router.score(items(GOOD))
+
+
+def test_slow_service_is_dropped_promptly_and_counted():
+    timeout_s, retries = 0.5, 1
+    router = RewardRouter({"verifiers": verifiers(), "judge": actor(SlowService, 20.0)},
+                          {**WEIGHTS, "judge": 1.0}, timeout_s=timeout_s, retries=retries)
+    start = time.monotonic()
+    scored = router.score(items(GOOD, "3"))
+    assert time.monotonic() - start < timeout_s * (retries + 1) + 3.0
+    assert [s.reward for s in scored] == [None, None]
+    assert "'judge'" in scored[0].error and "timed out" in scored[0].error
+    assert scored[0].components == {"correct": 1.0, "reasoning_present": 1.0}  # kept for the audit
+    assert router.counters == {"timeouts": retries + 1, "errors": 0, "dropped": 2}
+
+
+def test_slow_service_fails_the_run_in_fail_mode():
+    timeout_s, retries = 0.5, 1
+    router = RewardRouter({"judge": actor(SlowService, 20.0)}, {"judge": 1.0},
+                          timeout_s=timeout_s, retries=retries, on_failure="fail")
+    start = time.monotonic()
+    with pytest.raises(RewardServiceError, match="'judge'.*timed out"):
+        router.score(items(GOOD))
+    assert time.monotonic() - start < timeout_s * (retries + 1) + 3.0
+
+
+def test_dead_service_is_retried_then_dropped():
+    judge = actor(SlowService, 0.0)
+    ray.kill(judge)
+    router = RewardRouter({"judge": judge}, {"judge": 1.0}, timeout_s=10, retries=2)
+    (scored,) = router.score(items(GOOD))
+    assert scored.reward is None and "ActorDiedError" in scored.error
+    assert router.counters == {"timeouts": 0, "errors": 3, "dropped": 1}
+
+
+def test_raising_verifier_is_an_error_not_a_zero():
+    router = RewardRouter({"verifiers": verifiers()}, WEIGHTS, timeout_s=30, retries=0)
+    batch = items(GOOD) + items(GOOD, task={"answer": None})
+    batch[1]["episode_id"] = "no-answer"
+    ok, bad = router.score(batch)
+    assert ok.reward == pytest.approx(1.0) and ok.error is None
+    assert bad.reward is None and bad.components == {}
+    assert "'correct'" in bad.error and "no answer" in bad.error
+    assert router.counters == {"timeouts": 0, "errors": 1, "dropped": 1}
+
+    strict = RewardRouter({"verifiers": verifiers()}, WEIGHTS, timeout_s=30, retries=0, on_failure="fail")
+    with pytest.raises(RewardServiceError, match="'no-answer'.*'verifiers'.*no answer"):
+        strict.score(batch)
+
+
+def test_invalid_router_settings():
+    with pytest.raises(ValueError, match="on_failure"):
+        RewardRouter({"v": None}, WEIGHTS, timeout_s=1, retries=0, on_failure="ignore")
+    with pytest.raises(ValueError, match="at least one"):
+        RewardRouter({}, WEIGHTS, timeout_s=1, retries=0)
