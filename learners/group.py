@@ -84,12 +84,13 @@ class LearnerGroup:
         if empty:
             raise ValueError(f"shards {empty} are empty; every rank needs at least one row")
 
-    def train_step(self, shards: list[TrainBatch]) -> dict[str, float]:
-        """One shard per rank; returns metrics averaged over ranks weighted by loss tokens."""
+    def train_step(self, shards: list[TrainBatch], objective: str = "policy") -> dict[str, float]:
+        """One shard per rank; returns metrics averaged over ranks weighted by loss tokens.
+        `objective` is "policy" (RL) or "sft" (warm start on target replies)."""
         self._check_shards(shards)
         tokens = [float(s.num_tokens) for s in shards]
         rows = sum(s.num_rows for s in shards)
-        results = self._call("train_step", sum(tokens), rows, per_rank=shards)
+        results = self._call("train_step", sum(tokens), rows, objective, per_rank=shards)
         weights = tokens if sum(tokens) > 0 else [1.0] * len(tokens)
         return {k: sum(w * r[k] for w, r in zip(weights, results)) / sum(weights)
                 for k in results[0]}
@@ -100,6 +101,9 @@ class LearnerGroup:
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return self._call("named_tensors")[0]
+
+    def set_lr(self, lr: float) -> None:
+        self._call("set_lr", float(lr))
 
     def save(self, out_dir: str) -> None:
         self._call("save", str(out_dir))

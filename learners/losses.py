@@ -88,3 +88,14 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
             "ratio_max": float(ratio[on].max()) if on.any() else 1.0,
         }
     return loss, metrics
+
+
+def sft_loss(logprobs: Tensor, loss_mask: Tensor,
+             num_tokens_global: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Token-mean negative log-likelihood of the masked (target reply) tokens: the warm start."""
+    mask = loss_mask.float()
+    denom = num_tokens_global if num_tokens_global is not None else mask.sum().clamp(min=1)
+    nll_sum = -(logprobs * mask).sum()
+    with torch.no_grad():
+        nll = float(nll_sum / mask.sum().clamp(min=1))
+    return nll_sum / denom, {"nll": nll}

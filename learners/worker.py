@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from learners.losses import policy_loss, token_logprobs
+from learners.losses import policy_loss, sft_loss, token_logprobs
 from rlhf_cluster.batch import TrainBatch
 from rlhf_cluster.models import DTYPES, load_model
 
@@ -144,8 +144,11 @@ class LearnerWorker:
     # ---- public API --------------------------------------------------------------------
 
     def train_step(self, batch: TrainBatch, num_tokens_global: float,
-                   num_rows_global: int) -> dict[str, float]:
+                   num_rows_global: int, objective: str = "policy") -> dict[str, float]:
         """`ppo_epochs` optimizer steps over this rank's shard; losses are normalised globally.
+
+        objective "policy": the clipped policy loss; "sft": NLL of the masked tokens (one
+        epoch; advantages and behaviour logprobs are ignored).
 
         DeepSpeed averages gradients over ranks, so each rank's loss (already divided by the
         global count) is multiplied by world_size: the applied gradient is then exactly the
@@ -160,9 +163,16 @@ class LearnerWorker:
         micro = self._micro_batches(batch)
         totals: dict[str, float] = {}
         weight_sum = 0.0
-        for _ in range(cfg["ppo_epochs"]):
+        for _ in range(cfg["ppo_epochs"] if objective == "policy" else 1):
             for mb, real in micro:
                 lp = self._forward_logprobs(self.engine, mb)
+                if objective == "sft":
+                    loss, metrics = sft_loss(lp, dev(mb.loss_mask), max(num_tokens_global, 1.0))
+                    self.engine.backward(loss * (self.world_size if real else 0.0), scale_wrt_gas=False)
+                    w = float(mb.loss_mask.sum()) if real else 0.0
+                    weight_sum += w
+                    totals["nll"] = totals.get("nll", 0.0) + w * metrics["nll"]
+                    continue
                 ref = mb.ref_logprobs
                 if ref is None and self.ref is not None:
                     with torch.no_grad():
@@ -219,6 +229,12 @@ class LearnerWorker:
         for src in Path(self.model_path).iterdir():
             if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and not (out / src.name).exists():
                 shutil.copy2(src, out / src.name)
+
+    def set_lr(self, lr: float) -> float:
+        """Stages share one engine and optimizer state but not a learning rate (sft vs rl)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return float(self.engine.get_lr()[0])
 
     def ping(self) -> int:
         return self.rank

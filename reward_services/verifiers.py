@@ -32,20 +32,24 @@ _LETTER_TRAILING = re.compile(r"\s([a-z])$")  # "i pick b"
 Verifier = Callable[[str, dict], float]
 
 
-def split_reasoning(response: str) -> tuple[str | None, str]:
+def split_reasoning(response: str, think_opened: bool = False) -> tuple[str | None, str]:
     """(reasoning, final), both stripped, chat control tokens removed.
 
     An unterminated `<think>` gives (None, ""): reasoning cut off by the token limit is not
-    an answer. A `</think>` without `<think>` closes a block opened by the chat template in
-    the prompt (DeepSeek-R1 style), so the text before it is the reasoning.
+    an answer. A `</think>` without `<think>` counts as closing a block only when the chat
+    template opened it in the prompt (`think_opened`, DeepSeek-R1 style); otherwise a lone
+    `</think>` is no reasoning (a policy learns to emit one to farm the reasoning reward).
     """
     text = _CONTROL.sub(" ", response)
     close = text.find(END_THINK)
     if close < 0:
         return (None, "") if THINK in text else (None, text.strip())
     open_ = text.find(THINK)
-    reasoning = text[open_ + len(THINK):close] if 0 <= open_ < close else text[:close]
-    return reasoning.strip(), text[text.rfind(END_THINK) + len(END_THINK):].strip()
+    if 0 <= open_ < close:
+        reasoning = text[open_ + len(THINK):close].strip()
+    else:
+        reasoning = text[:close].strip() if think_opened else None
+    return reasoning, text[text.rfind(END_THINK) + len(END_THINK):].strip()
 
 
 def _normalise(text: str) -> str:
@@ -116,7 +120,7 @@ def _choice_index(text: str, choices: list[str]) -> int | None:
 
 
 def reasoning_present(response: str, task: dict) -> float:
-    return float(bool(split_reasoning(response)[0]))
+    return float(bool(split_reasoning(response, task.get("think_opened_in_prompt", False))[0]))
 
 
 def format_ok(response: str, task: dict) -> float:

@@ -98,6 +98,13 @@ class LearnerConfig:
 
 
 @dataclass
+class SFTConfig:
+    steps: int = 20
+    batch_size: int = 32  # target replies per step (chosen replies of data.pairs_path)
+    lr: float = 2.0e-3  # the rl stage uses learner.lr
+
+
+@dataclass
 class RLConfig:
     algorithm: str = "grpo"
     steps: int = 60
@@ -121,6 +128,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 
 
@@ -135,11 +143,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "learner.loss_agg": ("token_mean", "seq_mean"),
     "rl.algorithm": ("grpo",),
 }
-STAGES = ("rl",)
+STAGES = ("sft", "rl")
 POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_per_prompt",
             "rollout.max_new_tokens", "learner.num_ranks", "learner.micro_batch_size",
-            "learner.ppo_epochs", "rl.steps", "reward.timeout_s", "data.synthetic_num_tasks")
-NON_NEGATIVE = ("learner.lr", "learner.kl_coef", "learner.clip_eps_low",
+            "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "reward.timeout_s", "data.synthetic_num_tasks")
+NON_NEGATIVE = ("learner.lr", "sft.lr", "learner.kl_coef", "learner.clip_eps_low",
                 "learner.clip_eps_high", "learner.grad_clip", "rollout.temperature",
                 "reward.retries", "rollout.num_gpus_per_worker", "learner.num_gpus_per_rank")
 
@@ -177,6 +185,9 @@ def validate(cfg: Any) -> None:
         if name not in cfg.reward.verifiers:
             raise ConfigError(f"reward.weights.{name}: no reward service produces {name!r}; "
                               f"components available: {list(cfg.reward.verifiers)}")
+    if "sft" in cfg.run.stages and not cfg.data.pairs_path:
+        raise ConfigError("run.stages includes 'sft' but data.pairs_path is not set; expected a "
+                          "Parquet of prompts with chosen replies (the built-in generator writes pairs.parquet)")
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"required config keys are not set: {sorted(missing)}")

@@ -57,6 +57,7 @@ class Actors:
     router: Any
     services: dict
     sync: WeightSync
+    adapter: Any  # the driver's own copy, for rendering SFT targets and learner masks
 
 
 def start_actors(cfg: Any) -> Actors:
@@ -89,7 +90,7 @@ def start_actors(cfg: Any) -> Actors:
         for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in workers])
-    return Actors(workers, learner, router, services, WeightSync(workers))
+    return Actors(workers, learner, router, services, WeightSync(workers), adapter)
 
 
 class TaskSampler:
@@ -142,12 +143,58 @@ def score(actors: Actors, episodes: list[Episode]) -> list[Episode]:
     return kept
 
 
+def sft_episodes(adapter: Any, system: str | None, pairs: list) -> list[Episode]:
+    """Prompt + chosen reply as training rows; the loss mask covers the reply and its end token."""
+    episodes, seen = [], set()
+    for pair in pairs:
+        if (pair.prompt_id, pair.chosen) in seen:
+            continue
+        seen.add((pair.prompt_id, pair.chosen))
+        prompt_ids, clips = adapter.render_prompt(system, pair.turns)
+        reply = adapter.text_ids(pair.chosen) + [adapter.im_end]
+        episodes.append(Episode(
+            episode_id=f"sft-{pair.pair_id}", prompt_id=pair.prompt_id, sample_index=0,
+            policy_version=-1, token_ids=prompt_ids + reply,
+            loss_mask=[0] * len(prompt_ids) + [1] * len(reply), logprobs=[0.0] * (len(prompt_ids) + len(reply)),
+            response_text=pair.chosen, finish_reason="stop", audio=adapter.audio_inputs(clips)))
+    return episodes
+
+
+def sft_stage(cfg: Any, actors: Actors, run_dir: Path, sink: MetricsSink) -> None:
+    """Warm start: NLL on chosen replies, then push the weights so RL starts from them."""
+    from rlhf_cluster.data.tasks import load_pairs
+
+    pair_set = load_pairs(cfg.data.pairs_path, on_bad_row=cfg.data.on_bad_row)
+    episodes = sft_episodes(actors.adapter, cfg.data.system_prompt, pair_set.pairs)
+    if len(episodes) < cfg.learner.num_ranks:
+        raise ValueError(f"data.pairs_path={cfg.data.pairs_path}: {len(episodes)} usable replies, "
+                         f"need at least learner.num_ranks={cfg.learner.num_ranks}")
+    rng = random.Random(cfg.run.seed)
+    progress = Progress(cfg.sft.steps, "sft")
+    actors.learner.set_lr(cfg.sft.lr)
+    for step in range(1, cfg.sft.steps + 1):
+        t0 = time.perf_counter()
+        batch = rng.sample(episodes, min(cfg.sft.batch_size, len(episodes)))
+        shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(batch, cfg.learner.num_ranks)]
+        metrics = actors.learner.train_step(shards, objective="sft")
+        dt = time.perf_counter() - t0
+        n_tokens = sum(e.num_response_tokens for e in batch)
+        row = {"stage": "sft", "step": step, "samples": len(batch), "samples_per_s": len(batch) / dt,
+               "tokens_per_s": n_tokens / dt, "step_time_s": dt,
+               "weight_version": actors.sync.version, **{f"train.{k}": v for k, v in metrics.items()}}
+        sink.log(row)
+        if step % cfg.run.log_every == 0 or step == cfg.sft.steps:
+            print(progress.line(step, row), flush=True)
+    actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
+    actors.learner.set_lr(cfg.learner.lr)
+
+
 def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: MetricsSink) -> list[float]:
     sampling = {"n": cfg.rollout.samples_per_prompt, "max_new_tokens": cfg.rollout.max_new_tokens,
                 "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
     sampler = TaskSampler(tasks, cfg.run.seed)
     progress = Progress(cfg.rl.steps, "rl")
-    pad_id = ray.get(actors.workers[0].pad_token_id.remote())
+    pad_id = actors.adapter.pad_id
     rewards = []
     for step in range(1, cfg.rl.steps + 1):
         t0 = time.perf_counter()
@@ -164,7 +211,7 @@ def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: M
         shards = [collate(s, pad_id) for s in shard_episodes(scored, cfg.learner.num_ranks)]
         train_metrics = actors.learner.train_step(shards)
         t_train = time.perf_counter()
-        actors.sync.push(step, actors.learner.named_tensors())
+        actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
         t_end = time.perf_counter()
         n_tokens = sum(e.num_response_tokens for e in episodes)
         reward_mean = statistics.fmean(e.reward for e in scored)
@@ -208,6 +255,8 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
         actors.sync.push(0, actors.learner.named_tensors())
         sink = MetricsSink(run_dir)
         summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped_rows": len(task_set.skipped)}
+        if "sft" in cfg.run.stages:
+            sft_stage(cfg, actors, run_dir, sink)
         if "rl" in cfg.run.stages:
             rewards = rl_stage(cfg, actors, task_set.tasks, run_dir, sink)
             summary["reward"] = summarize(rewards)

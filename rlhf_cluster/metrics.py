@@ -29,7 +29,8 @@ class MetricsSink:
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        pq.write_table(pa.Table.from_pylist(self.rows), self.path)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))  # stages log different columns
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in self.rows]), self.path)
         self._export_to_ray(row)
 
     def _export_to_ray(self, row: dict[str, Any]) -> None:
@@ -65,13 +66,15 @@ class Progress:
     def __init__(self, total_steps: int, stage: str):
         self.total, self.stage, self.start = total_steps, stage, time.perf_counter()
 
+    FIELDS = (("reward_mean", "reward {:.3f}"), ("train.nll", "nll {:.3f}"),
+              ("samples_per_s", "samples/s {:.1f}"), ("tokens_per_s", "tokens/s {:.0f}"),
+              ("step_time_s", "step {:.2f}s"), ("weight_version", "v{}"))
+
     def line(self, step: int, row: dict[str, Any]) -> str:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / step * (self.total - step) if step else math.nan
-        return (f"[{self.stage}] step {step}/{self.total} reward {row['reward_mean']:.3f} "
-                f"samples/s {row['samples_per_s']:.1f} tokens/s {row['tokens_per_s']:.0f} "
-                f"step {row['step_time_s']:.2f}s v{row['weight_version']} "
-                f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+        shown = " ".join(fmt.format(row[k]) for k, fmt in self.FIELDS if row.get(k) is not None)
+        return f"[{self.stage}] step {step}/{self.total} {shown} elapsed {elapsed:.0f}s eta {eta:.0f}s"
 
 
 def plot_rewards(rows: list[dict[str, Any]], png: Path, keys: tuple[str, ...] = ("reward_mean",)) -> Path:
@@ -80,9 +83,10 @@ def plot_rewards(rows: list[dict[str, Any]], png: Path, keys: tuple[str, ...] = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("stage") == "rl"]
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for key in keys + tuple(k for k in rows[0] if k.startswith("reward.")):
+    for key in keys + tuple(k for k in rows[0] if k.startswith("reward.") and rows[0][k] is not None):
         ax.plot(steps, [r.get(key) for r in rows], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")

@@ -27,12 +27,19 @@ def test_builtin_reply_scores_full_marks():
     ("no think at all . 3", (None, "no think at all . 3")),
     ("<think> cut off by the token limit 3", (None, "")),  # truncated reasoning is no answer
     ("<think></think> 3", ("", "3")),
-    ("reasoning from the template </think> 3", ("reasoning from the template", "3")),
+    ("a lone close tag </think> 3", (None, "3")),
     ("<think> a </think> b <|im_end|><|endoftext|>", ("a", "b")),
     ("  <think>\n a \n</think>\n\n b \n", ("a", "b")),
 ])
 def test_split_reasoning(response, expected):
     assert split_reasoning(response) == expected
+
+
+def test_lone_close_tag_is_reasoning_only_when_the_template_opened_the_block():
+    text = "reasoning from the template </think> 3"
+    assert split_reasoning(text, think_opened=True) == ("reasoning from the template", "3")
+    assert v("reasoning_present", text) == 0.0
+    assert VERIFIERS["reasoning_present"](text, {"answer": "3", "think_opened_in_prompt": True}) == 1.0
 
 
 @pytest.mark.parametrize("response, expected", [
