@@ -126,8 +126,10 @@ def test_sharded_logprobs_match_in_process_model(zero3, model_dir):
     with torch.no_grad():
         inputs = {k: v for k, v in batch.model_inputs.items() if k != "clips_per_row"}
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **inputs).logits
-    expected = token_logprobs(logits, batch.input_ids) * batch.attention_mask
-    got = torch.cat(run["logprobs"]) * batch.attention_mask
+    # the learner reports logprobs on loss tokens only (prompt positions are 0)
+    expected = token_logprobs(logits, batch.input_ids) * batch.loss_mask
+    got = torch.cat(run["logprobs"]) * batch.loss_mask
+    assert batch.loss_mask.sum() > 0
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
