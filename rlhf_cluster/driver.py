@@ -38,6 +38,10 @@ def prepare_inputs(cfg: Any) -> None:
 
         print(f"building the tiny offline audio LM in {model_dir}", flush=True)
         build_tiny_model(model_dir, seed=cfg.run.seed)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={model_dir}: no Hugging Face model directory there "
+                                "(expected config.json + safetensors weights); set "
+                                "model.build_tiny_if_missing=true for the offline tiny model")
     train = Path(cfg.data.train_path)
     if not train.is_file() and cfg.data.synthetic:
         from rlhf_cluster.data.synthetic import generate_synthetic
