@@ -47,8 +47,16 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
                 clip_eps_low: float, clip_eps_high: float, loss_agg: str = "token_mean",
                 kl_coef: float = 0.0, ref_logprobs: Tensor | None = None,
                 num_tokens_global: float | None = None,
-                num_rows_global: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                num_rows_global: float | None = None,
+                behaviour_logprobs: Tensor | None = None,
+                tis_cap: float = 2.0) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate (+ kl_coef * k3) aggregated over masked tokens.
+
+    Plain PPO: `old_logprobs` are the engine's behaviour logprobs, so stale samples are
+    corrected by the clipped ratio itself. Decoupled PPO (pass `behaviour_logprobs`):
+    `old_logprobs` are the proximal policy's (recomputed by the learner before the update),
+    the ratio is taken against them, and each token is weighted by the truncated importance
+    weight min(exp(proximal - behaviour), tis_cap).
 
     token_mean: sum over masked tokens / (num_tokens_global or the local masked-token count).
     seq_mean: sum over rows of each row's masked-token mean / (num_rows_global or local rows).
@@ -63,6 +71,11 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
     surr = ratio * advantages
     surr_clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * advantages
     pg_tok = -torch.minimum(surr, surr_clipped)
+    is_weight = torch.ones_like(pg_tok)
+    if behaviour_logprobs is not None:
+        log_w = torch.where(on, old_logprobs - behaviour_logprobs, torch.zeros_like(logprobs))
+        is_weight = torch.exp(log_w).clamp(max=tis_cap).detach()
+        pg_tok = pg_tok * is_weight
     kl_tok = torch.zeros_like(pg_tok)
     if ref_logprobs is not None:
         kl_tok = k3_kl(logprobs, torch.where(on, ref_logprobs, logprobs))
@@ -86,6 +99,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, loss
             "clip_frac": float(((surr_clipped < surr).float() * mask).sum() / n),
             "ratio_mean": float((ratio * mask).sum() / n),
             "ratio_max": float(ratio[on].max()) if on.any() else 1.0,
+            "is_weight_mean": float((is_weight * mask).sum() / n),
+            "is_weight_max": float(is_weight[on].max()) if on.any() else 1.0,
         }
     return loss, metrics
 

@@ -163,8 +163,12 @@ class LearnerWorker:
         micro = self._micro_batches(batch)
         totals: dict[str, float] = {}
         weight_sum = 0.0
+        decoupled = objective == "policy" and cfg.get("off_policy_loss", "ppo") == "decoupled"
+        if decoupled:  # proximal policy = these weights before this step's update
+            with torch.no_grad():
+                proximal = [self._forward_logprobs(self.engine, mb).cpu() for mb, _ in micro]
         for _ in range(cfg["ppo_epochs"] if objective == "policy" else 1):
-            for mb, real in micro:
+            for i, (mb, real) in enumerate(micro):
                 lp = self._forward_logprobs(self.engine, mb)
                 if objective == "sft":
                     loss, metrics = sft_loss(lp, dev(mb.loss_mask), max(num_tokens_global, 1.0))
@@ -178,11 +182,14 @@ class LearnerWorker:
                     with torch.no_grad():
                         ref = self._forward_logprobs(self.ref, mb)
                 loss, metrics = policy_loss(
-                    lp, dev(mb.old_logprobs), dev(mb.advantages), dev(mb.loss_mask),
+                    lp, dev(proximal[i]) if decoupled else dev(mb.old_logprobs),
+                    dev(mb.advantages), dev(mb.loss_mask),
                     cfg["clip_eps_low"], cfg["clip_eps_high"], cfg["loss_agg"], cfg["kl_coef"],
                     None if ref is None else dev(ref),
                     num_tokens_global=max(num_tokens_global, 1.0),
-                    num_rows_global=max(num_rows_global, 1))
+                    num_rows_global=max(num_rows_global, 1),
+                    behaviour_logprobs=dev(mb.old_logprobs) if decoupled else None,
+                    tis_cap=float(cfg.get("tis_cap", 2.0)))
                 self.engine.backward(loss * (self.world_size if real else 0.0), scale_wrt_gas=False)
                 w = float(mb.loss_mask.sum()) if real else 0.0
                 weight_sum += w

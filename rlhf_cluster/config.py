@@ -94,6 +94,10 @@ class LearnerConfig:
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0  # k3 KL to a frozen reference; 0 disables the reference model
     loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # ppo: ratio against the engine's behaviour logprobs; decoupled: ratio against proximal
+    # logprobs recomputed before the update, times min(proximal/behaviour, tis_cap)
+    off_policy_loss: str = "ppo"
+    tis_cap: float = 2.0
     advantage_std_norm: bool = True
 
 
@@ -108,6 +112,12 @@ class SFTConfig:
 class RLConfig:
     algorithm: str = "grpo"
     steps: int = 60
+    # sync: generate, then train (on-policy). one_step_off: generation of step t+1 overlaps
+    # training of step t. async: rollout workers generate continuously into a bounded buffer.
+    mode: str = "sync"
+    max_staleness: int = 1  # async: episodes older than learner version - K are dropped...
+    on_stale: str = "drop"  # ...or kept ("keep") and trained with the off-policy loss
+    max_buffered_batches: int = 2  # async: rollout batches waiting to be trained, at most
 
 
 @dataclass
@@ -142,12 +152,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.loss_agg": ("token_mean", "seq_mean"),
     "rl.algorithm": ("grpo",),
+    "rl.mode": ("sync", "one_step_off", "async"),
+    "rl.on_stale": ("drop", "keep"),
+    "learner.off_policy_loss": ("ppo", "decoupled"),
 }
 STAGES = ("sft", "rl")
 POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_per_prompt",
             "rollout.max_new_tokens", "learner.num_ranks", "learner.micro_batch_size",
-            "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "reward.timeout_s", "data.synthetic_num_tasks")
-NON_NEGATIVE = ("learner.lr", "sft.lr", "learner.kl_coef", "learner.clip_eps_low",
+            "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "rl.max_buffered_batches", "learner.tis_cap", "reward.timeout_s", "data.synthetic_num_tasks")
+NON_NEGATIVE = ("learner.lr", "sft.lr", "rl.max_staleness", "learner.kl_coef", "learner.clip_eps_low",
                 "learner.clip_eps_high", "learner.grad_clip", "rollout.temperature",
                 "reward.retries", "rollout.num_gpus_per_worker", "learner.num_gpus_per_rank")
 

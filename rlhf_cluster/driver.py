@@ -9,6 +9,7 @@ rollout worker as the next version. Everything a step produces is written before
 from __future__ import annotations
 
 import logging
+import math
 import random
 import statistics
 import time
@@ -126,11 +127,16 @@ def assign_advantages(episodes: list[Episode], std_norm: bool) -> None:
             ep.advantage = adv
 
 
-def generate(actors: Actors, tasks: list[Task], sampling: dict, step: int) -> list[Episode]:
-    chunks = [tasks[i::len(actors.workers)] for i in range(len(actors.workers))]
-    futures = [w.rollout.remote(c, sampling, step) for w, c in zip(actors.workers, chunks) if c]
+def submit_rollouts(actors: Actors, tasks: list[Task], sampling: dict, step: int) -> list:
+    """Queue one batch on the workers (round-robin chunks); returns the object refs."""
+    workers = actors.workers
+    chunks = [tasks[i::len(workers)] for i in range(len(workers))]
+    return [w.rollout.remote(c, sampling, step) for w, c in zip(workers, chunks) if c]
+
+
+def collect_rollouts(refs: list, step: int) -> list[Episode]:
     try:
-        return [ep for part in ray.get(futures) for ep in part]
+        return [ep for part in ray.get(refs) for ep in part]
     except ray.exceptions.RayActorError as exc:
         raise RuntimeError(f"a rollout worker died during step {step}: {exc}") from exc
 
@@ -194,45 +200,81 @@ def sft_stage(cfg: Any, actors: Actors, run_dir: Path, sink: MetricsSink) -> Non
 
 
 def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: MetricsSink) -> list[float]:
+    """GRPO steps in one of three execution modes (`rl.mode`).
+
+    Rollout batches are queued on the workers `ahead` batches in advance of the one being
+    trained (sync 0, one_step_off 1, async `rl.max_buffered_batches`), so generation overlaps
+    training. At train time every episode's staleness (learner version - policy version) is
+    checked against the bound K (sync 0, one_step_off 1, async `rl.max_staleness`): stale ones
+    are dropped and counted, or kept (`rl.on_stale=keep`) and corrected by the off-policy loss.
+    """
     sampling = {"n": cfg.rollout.samples_per_prompt, "max_new_tokens": cfg.rollout.max_new_tokens,
                 "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
+    mode = cfg.rl.mode
+    ahead = {"sync": 0, "one_step_off": 1, "async": cfg.rl.max_buffered_batches}[mode]
+    bound = {"sync": 0, "one_step_off": 1, "async": cfg.rl.max_staleness}[mode]
     sampler = TaskSampler(tasks, cfg.run.seed)
     progress = Progress(cfg.rl.steps, "rl")
-    pad_id = actors.adapter.pad_id
+    pending: list[tuple[int, list]] = []
+    next_batch = 1
     rewards = []
     for step in range(1, cfg.rl.steps + 1):
         t0 = time.perf_counter()
-        episodes = generate(actors, sampler.sample(cfg.rollout.prompts_per_step), sampling, step)
+        while len(pending) < 1 + ahead and next_batch <= cfg.rl.steps:
+            pending.append((next_batch, submit_rollouts(
+                actors, sampler.sample(cfg.rollout.prompts_per_step), sampling, next_batch)))
+            next_batch += 1
+        batch_id, refs = pending.pop(0)  # `ahead` batches stay queued: they overlap training
+        episodes = collect_rollouts(refs, batch_id)
         t_gen = time.perf_counter()
         scored = score(actors, episodes)
-        if len(scored) < cfg.learner.num_ranks:
-            raise RuntimeError(f"step {step}: only {len(scored)} of {len(episodes)} episodes "
-                               f"were scored; reward failures: {actors.router.counters}")
-        assign_advantages(scored, cfg.learner.advantage_std_norm)
+        version = actors.sync.version
+        trainable = []
+        for ep in episodes:
+            ep.staleness = version - ep.policy_version
+            if ep.reward is None:
+                ep.dropped = "reward_failed"
+            elif ep.staleness > bound and cfg.rl.on_stale == "drop":
+                ep.dropped = "stale"
+            else:
+                trainable.append(ep)
+        assign_advantages(trainable, cfg.learner.advantage_std_norm)
         if cfg.run.save_rollouts:
             write_rollouts(run_dir, step, episodes)
         t_score = time.perf_counter()
-        shards = [collate(s, pad_id) for s in shard_episodes(scored, cfg.learner.num_ranks)]
-        train_metrics = actors.learner.train_step(shards)
-        t_train = time.perf_counter()
-        actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
+        train_metrics = {}
+        if len(trainable) >= cfg.learner.num_ranks:
+            shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(trainable, cfg.learner.num_ranks)]
+            train_metrics = actors.learner.train_step(shards)
+            t_train = time.perf_counter()
+            actors.sync.push(version + 1, actors.learner.named_tensors(), wait=(mode == "sync"))
+        else:
+            print(f"[rl] step {step}: only {len(trainable)} of {len(episodes)} episodes trainable "
+                  f"(stale or unscored); step skipped", flush=True)
+            t_train = time.perf_counter()
         t_end = time.perf_counter()
         n_tokens = sum(e.num_response_tokens for e in episodes)
-        reward_mean = statistics.fmean(e.reward for e in scored)
+        reward_mean = statistics.fmean(e.reward for e in scored) if scored else math.nan
         rewards.append(reward_mean)
-        row = {"stage": "rl", "step": step, "reward_mean": reward_mean,
+        stale = [e.staleness for e in trainable]
+        row = {"stage": "rl", "step": step, "mode": mode, "reward_mean": reward_mean,
                **{f"reward.{k}": statistics.fmean(e.rewards[k] for e in scored)
-                  for k in scored[0].rewards},
-               "samples": len(episodes), "dropped_episodes": len(episodes) - len(scored),
+                  for k in (scored[0].rewards if scored else {})},
+               "samples": len(episodes), "trained_samples": len(trainable),
+               "dropped_episodes": len(episodes) - len(trainable),
+               "dropped_stale": sum(e.dropped == "stale" for e in episodes),
+               "dropped_reward_failed": sum(e.dropped == "reward_failed" for e in episodes),
                "samples_per_s": len(episodes) / (t_end - t0), "tokens_per_s": n_tokens / (t_end - t0),
                "response_len_mean": n_tokens / len(episodes),
-               "step_time_s": t_end - t0, "gen_time_s": t_gen - t0, "score_time_s": t_score - t_gen,
+               "step_time_s": t_end - t0, "gen_wait_s": t_gen - t0, "score_time_s": t_score - t_gen,
                "train_time_s": t_train - t_score, "sync_time_s": t_end - t_train,
-               "weight_version": actors.sync.version, "staleness_max": 0,
+               "weight_version": actors.sync.version,
+               "staleness_max": max(stale, default=0), "staleness_mean": statistics.fmean(stale) if stale else 0.0,
                **{f"train.{k}": v for k, v in train_metrics.items()}}
         sink.log(row)
         if step % cfg.run.log_every == 0 or step == cfg.rl.steps:
             print(progress.line(step, row), flush=True)
+    actors.sync.wait()
     return rewards
 
 

@@ -32,6 +32,8 @@ class Episode:
     rewards: dict[str, float] = field(default_factory=dict)
     advantage: float = 0.0
     reward_error: str | None = None
+    staleness: int | None = None  # learner version at train time minus policy_version
+    dropped: str | None = None  # why it was not trained on ("reward_failed", "stale"), if so
 
     @property
     def num_response_tokens(self) -> int:
@@ -44,7 +46,9 @@ class Episode:
             "sample_index": self.sample_index, "policy_version": self.policy_version,
             "reward": self.reward, "advantage": self.advantage,
             "rewards": {k: float(v) for k, v in self.rewards.items()},
-            "reward_error": self.reward_error, "response_text": self.response_text,
+            "reward_error": self.reward_error, "staleness": self.staleness,
+            "trained": self.dropped is None, "dropped": self.dropped,
+            "response_text": self.response_text,
             "finish_reason": self.finish_reason, "token_ids": self.token_ids,
             "loss_mask": self.loss_mask, "logprobs": self.logprobs,
         }
