@@ -8,6 +8,7 @@ carrying the exact sampled ids, the engine's logprobs and the weight version tha
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from transformers import AutoTokenizer
@@ -28,13 +29,15 @@ def make_engine(kind: str, model_path: str, dtype: str, pad_token_id: int, seed:
 
 class RolloutWorker:
     def __init__(self, index: int, model_path: str, adapter: str = "auto", dtype: str = "float32",
-                 engine: str = "hf", system_prompt: str | None = None, seed: int = 0):
+                 engine: str = "hf", system_prompt: str | None = None, seed: int = 0,
+                 simulated_token_latency_s: float = 0.0):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.adapter = make_adapter(adapter, model_path, self.tokenizer)
         self.engine = make_engine(engine, model_path, dtype, self.adapter.pad_id, seed + 1000 * index)
         self.system_prompt = system_prompt
+        self.simulated_token_latency_s = simulated_token_latency_s
 
     def ready(self) -> int:
         return self.index
@@ -62,6 +65,8 @@ class RolloutWorker:
                                               audio=self.adapter.audio_inputs(clips), sampling=params))
             task_of[task.prompt_id] = task
         results = self.engine.generate(requests)
+        if self.simulated_token_latency_s:  # benchmark stand-in for GPU decode time
+            time.sleep(self.simulated_token_latency_s * max(len(r.token_ids) for r in results))
         request_of = {r.request_id: r for r in requests}
         episodes = []
         for res in results:

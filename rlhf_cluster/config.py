@@ -59,6 +59,9 @@ class RolloutConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    # Benchmarks only: sleep this long per generated token after each batch, a stand-in for
+    # GPU decoding that leaves the CPU idle (so overlap is measurable on a 2-core box).
+    simulated_token_latency_s: float = 0.0
     # vLLM only
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
@@ -162,7 +165,7 @@ POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_
             "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "rl.max_buffered_batches", "learner.tis_cap", "reward.timeout_s", "data.synthetic_num_tasks")
 NON_NEGATIVE = ("learner.lr", "sft.lr", "rl.max_staleness", "learner.kl_coef", "learner.clip_eps_low",
                 "learner.clip_eps_high", "learner.grad_clip", "rollout.temperature",
-                "reward.retries", "rollout.num_gpus_per_worker", "learner.num_gpus_per_rank")
+                "reward.retries", "rollout.num_gpus_per_worker", "rollout.simulated_token_latency_s", "learner.num_gpus_per_rank")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -91,7 +91,8 @@ def start_actors(cfg: Any) -> Actors:
         worker_cls.options(name=f"rollout-{i}", num_cpus=cfg.rollout.num_cpus_per_worker,
                            num_gpus=cfg.rollout.num_gpus_per_worker).remote(
             i, cfg.model.path, adapter=cfg.model.adapter, dtype=cfg.model.dtype,
-            engine=cfg.rollout.engine, system_prompt=cfg.data.system_prompt, seed=cfg.run.seed)
+            engine=cfg.rollout.engine, system_prompt=cfg.data.system_prompt, seed=cfg.run.seed,
+            simulated_token_latency_s=cfg.rollout.simulated_token_latency_s)
         for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in workers])
