@@ -95,6 +95,15 @@ def test_slow_service_fails_the_run_in_fail_mode():
 def test_dead_service_is_retried_then_dropped():
     judge = actor(SlowService, 0.0)
     ray.kill(judge)
+    deadline = time.monotonic() + 30  # kill is asynchronous: wait until it has taken effect
+    while time.monotonic() < deadline:
+        try:
+            ray.get(judge.__ray_ready__.remote(), timeout=30)
+            time.sleep(0.1)
+        except ray.exceptions.RayActorError:
+            break
+    else:
+        pytest.fail("killed actor still answers after 30 s")
     router = RewardRouter({"judge": judge}, {"judge": 1.0}, timeout_s=10, retries=2)
     (scored,) = router.score(items(GOOD))
     assert scored.reward is None and "ActorDiedError" in scored.error
