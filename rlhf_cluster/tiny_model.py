@@ -60,8 +60,14 @@ def build_tokenizer():
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128,
-                     num_layers: int = 2) -> Path:
-    """Write a tiny Qwen2-Audio model directory; returns its path."""
+                     num_layers: int = 2, family: str = "qwen2_audio") -> Path:
+    """Write a tiny Qwen2-Audio model directory; returns its path.
+
+    `family="step_audio"` records the contiguous speech-token range (`<audio_0>`..`<audio_63>`)
+    as `speech_token_range` in config.json, which makes the adapter treat the model as
+    Step-Audio-2-style (replies may carry `<tts_start>` speech spans `<tts_end>`)."""
+    if family not in ("qwen2_audio", "step_audio"):
+        raise ValueError(f"family={family!r}: expected 'qwen2_audio' or 'step_audio'")
     from transformers import (GenerationConfig, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
                               Qwen2AudioProcessor, WhisperFeatureExtractor)
 
@@ -86,6 +92,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128,
         audio_token_id=ids(AUDIO_TOKEN),
     )
     config.pad_token_id = ids(PAD)
+    if family == "step_audio":
+        first = ids(SPEECH_TOKENS[0])
+        assert ids(SPEECH_TOKENS[-1]) == first + NUM_SPEECH_TOKENS - 1  # contiguous range
+        config.speech_token_range = [first, first + NUM_SPEECH_TOKENS]
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
