@@ -14,6 +14,7 @@ import ray
 from ray.exceptions import RayError
 
 ERROR_KEY = "__error__"  # a service's per-item failure marker (see VerifierService)
+TURNS_KEY = "__turns__"  # per-turn components (aggregated by branch issue-5; not a component here)
 
 
 class RewardServiceError(RuntimeError):
@@ -93,7 +94,7 @@ class RewardRouter:
         which every service returned at least one clean item (before that, absence proves nothing)."""
         if self._weights_checked or len(outputs) < len(self.services):
             return
-        per_service = [{key for row in rows if ERROR_KEY not in row for key in row}
+        per_service = [{key for row in rows if ERROR_KEY not in row for key in row if key != TURNS_KEY}
                        for rows in outputs.values()]
         if not all(per_service):
             return
@@ -109,7 +110,7 @@ class RewardRouter:
         errors = [f"reward service {name!r}: {message}" for name, message in failures.items()]
         components: dict[str, float] = {}
         for name, rows in outputs.items():
-            row = rows[i]
+            row = {k: v for k, v in rows[i].items() if k != TURNS_KEY}
             if ERROR_KEY in row:
                 self.counters["errors"] += 1
                 errors.append(f"reward service {name!r}: {row[ERROR_KEY]}")

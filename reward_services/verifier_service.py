@@ -1,6 +1,14 @@
-"""Runs a configured set of verifiers over a batch; the driver wraps it as a Ray actor."""
+"""Runs a configured set of verifiers over a batch; the driver wraps it as a Ray actor.
+
+Turn-aware: an item whose task carries `turn_answers` (a multi-turn dialogue) is checked turn
+by turn - assistant reply t (`item["turn_texts"][t]`) against `turn_answers[t]` - and gets
+`__turns__` (one `{name: value}` per turn) plus the episode value = the mean over turns. A turn
+the dialogue never reached (cut by a turn/token limit) scores 0, so stopping early never pays.
+"""
 
 from __future__ import annotations
+
+import statistics
 
 from reward_services.verifiers import VERIFIERS
 
@@ -20,12 +28,28 @@ class VerifierService:
         raised on, so the router can count and drop it instead of training on a fake 0."""
         return [self._score_one(item) for item in items]
 
-    def _score_one(self, item: dict) -> dict[str, float]:
+    def _score_one(self, item: dict) -> dict:
+        task = item["task"]
+        try:
+            answers = task.get("turn_answers")
+            if answers is None:
+                return self._values(item["response"], task)
+            if not answers:
+                raise ValueError("task turn_answers is empty; expected one answer per user turn")
+            texts = item.get("turn_texts") or [item["response"]]
+            turns = [self._values(texts[t], {**task, "answer": str(a)}) if t < len(texts)
+                     else {name: 0.0 for name in self.names} for t, a in enumerate(answers)]
+            return {**{name: statistics.fmean(turn[name] for turn in turns) for name in self.names},
+                    "__turns__": turns}
+        except Exception as exc:  # any verifier bug or bad row becomes a counted item error
+            return {"__error__": f"verifier failed on episode {item.get('episode_id')!r}: "
+                                 f"{type(exc).__name__}: {exc}"}
+
+    def _values(self, response: str, task: dict) -> dict[str, float]:
         values = {}
         for name in self.names:
             try:
-                values[name] = float(VERIFIERS[name](item["response"], item["task"]))
-            except Exception as exc:  # any verifier bug or bad row becomes a counted item error
-                return {"__error__": f"verifier {name!r} failed on episode "
-                                     f"{item.get('episode_id')!r}: {type(exc).__name__}: {exc}"}
+                values[name] = float(VERIFIERS[name](response, task))
+            except Exception as exc:
+                raise type(exc)(f"verifier {name!r}: {exc}") from None
         return values

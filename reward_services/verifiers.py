@@ -176,6 +176,21 @@ def length_guard(response: str, task: dict, max_words: int = 64) -> float:
     return float(len(split_reasoning(response)[1].split()) <= task.get("max_words", max_words))
 
 
+_SPEECH_SPAN = re.compile(r"<tts_start>((?:\s*<audio_\d+>)*)\s*<tts_end>")
+
+
+def speech_span(response: str, task: dict) -> float:
+    """Step-Audio-style spoken reply: after the reasoning, exactly one `<tts_start>` speech
+    span `<tts_end>` holding between `task["min_speech_tokens"]` (default 1) and
+    `task["max_speech_tokens"]` (default 16) discrete speech tokens and nothing else."""
+    final = split_reasoning(response)[1]
+    spans = _SPEECH_SPAN.findall(final)
+    if len(spans) != 1 or final.count("<tts_start>") != 1 or final.count("<tts_end>") != 1:
+        return 0.0
+    n = len(re.findall(r"<audio_\d+>", spans[0]))
+    return float(task.get("min_speech_tokens", 1) <= n <= task.get("max_speech_tokens", 16))
+
+
 VERIFIERS: dict[str, Verifier] = {
     "reasoning_present": reasoning_present,
     "format": format_ok,
@@ -184,4 +199,5 @@ VERIFIERS: dict[str, Verifier] = {
     "numeric": numeric,
     "correct": correct,
     "length_guard": length_guard,
+    "speech_span": speech_span,
 }

@@ -33,7 +33,8 @@ class ModelConfig:
     path: str = MISSING  # local Hugging Face directory
     build_tiny_if_missing: bool = False  # quickstart/tests: build the offline tiny model there
     dtype: str = "float32"  # float32 | bfloat16
-    adapter: str = "auto"  # auto | qwen2_audio | causal_lm
+    adapter: str = "auto"  # auto | qwen2_audio | step_audio | causal_lm
+    tiny_family: str = "qwen2_audio"  # built tiny model's shape: qwen2_audio | step_audio
 
 
 @dataclass
@@ -133,6 +134,18 @@ class RunConfig:
 
 
 @dataclass
+class DialogueConfig:
+    """Rollout environment (actors/environments) and multi-turn limits."""
+
+    env: str = "single_turn"  # single_turn | scripted | simulated_user
+    max_turns: int = 1  # assistant turns per dialogue
+    max_total_tokens: int = 1024  # a turn whose context + max_new_tokens would exceed it ends the dialogue
+    keep_reasoning: bool = False  # keep earlier turns' <think> blocks in later turns' context
+    user_policy: str = "rule_based"  # simulated_user: who decides the next user turn
+    synthesizer: str = "procedural"  # simulated_user: who voices it (offline, CPU)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -143,11 +156,12 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    dialogue: DialogueConfig = field(default_factory=DialogueConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
-    "model.adapter": ("auto", "qwen2_audio", "causal_lm"),
+    "model.adapter": ("auto", "qwen2_audio", "step_audio", "causal_lm"),
     "data.on_bad_row": ("fail", "skip"),
     "rollout.engine": ("hf", "vllm"),
     "reward.on_failure": ("drop", "fail"),
@@ -158,11 +172,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rl.mode": ("sync", "one_step_off", "async"),
     "rl.on_stale": ("drop", "keep"),
     "learner.off_policy_loss": ("ppo", "decoupled"),
+    "model.tiny_family": ("qwen2_audio", "step_audio"),
+    "dialogue.env": ("single_turn", "scripted", "simulated_user"),
+    "dialogue.user_policy": ("rule_based",),
+    "dialogue.synthesizer": ("procedural",),
 }
 STAGES = ("sft", "rl")
 POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_per_prompt",
             "rollout.max_new_tokens", "learner.num_ranks", "learner.micro_batch_size",
-            "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "rl.max_buffered_batches", "learner.tis_cap", "reward.timeout_s", "data.synthetic_num_tasks")
+            "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "rl.max_buffered_batches", "learner.tis_cap", "reward.timeout_s", "data.synthetic_num_tasks",
+            "dialogue.max_turns", "dialogue.max_total_tokens")
 NON_NEGATIVE = ("learner.lr", "sft.lr", "rl.max_staleness", "learner.kl_coef", "learner.clip_eps_low",
                 "learner.clip_eps_high", "learner.grad_clip", "rollout.temperature",
                 "reward.retries", "rollout.num_gpus_per_worker", "rollout.simulated_token_latency_s", "learner.num_gpus_per_rank")
@@ -204,6 +223,12 @@ def validate(cfg: Any) -> None:
     if "sft" in cfg.run.stages and not cfg.data.pairs_path:
         raise ConfigError("run.stages includes 'sft' but data.pairs_path is not set; expected a "
                           "Parquet of prompts with chosen replies (the built-in generator writes pairs.parquet)")
+    if cfg.dialogue.env == "single_turn" and cfg.dialogue.max_turns != 1:
+        raise ConfigError(f"dialogue.max_turns={cfg.dialogue.max_turns} with dialogue.env=single_turn; "
+                          "expected 1 (use scripted or simulated_user for multi-turn dialogues)")
+    if cfg.dialogue.max_total_tokens <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"dialogue.max_total_tokens={cfg.dialogue.max_total_tokens} must exceed "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"required config keys are not set: {sorted(missing)}")

@@ -38,7 +38,7 @@ def prepare_inputs(cfg: Any) -> None:
         from rlhf_cluster.tiny_model import build_tiny_model
 
         print(f"building the tiny offline audio LM in {model_dir}", flush=True)
-        build_tiny_model(model_dir, seed=cfg.run.seed)
+        build_tiny_model(model_dir, seed=cfg.run.seed, family=cfg.model.tiny_family)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model.path={model_dir}: no Hugging Face model directory there "
                                 "(expected config.json + safetensors weights); set "
@@ -49,7 +49,8 @@ def prepare_inputs(cfg: Any) -> None:
 
         print(f"generating the synthetic spoken task in {train.parent}", flush=True)
         paths = generate_synthetic(train.parent, num_tasks=cfg.data.synthetic_num_tasks,
-                                   seed=cfg.data.synthetic_seed)
+                                   seed=cfg.data.synthetic_seed,
+                                   speech_replies=cfg.model.tiny_family == "step_audio")
         if paths["tasks"].resolve() != train.resolve():
             raise ValueError(f"data.train_path={train} but the generator wrote {paths['tasks']}; "
                              "point data.train_path at <dir>/tasks.parquet")
@@ -92,7 +93,8 @@ def start_actors(cfg: Any) -> Actors:
                            num_gpus=cfg.rollout.num_gpus_per_worker).remote(
             i, cfg.model.path, adapter=cfg.model.adapter, dtype=cfg.model.dtype,
             engine=cfg.rollout.engine, system_prompt=cfg.data.system_prompt, seed=cfg.run.seed,
-            simulated_token_latency_s=cfg.rollout.simulated_token_latency_s)
+            simulated_token_latency_s=cfg.rollout.simulated_token_latency_s,
+            dialogue=OmegaConf.to_container(cfg.dialogue, resolve=True))
         for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in workers])
@@ -144,8 +146,10 @@ def collect_rollouts(refs: list, step: int) -> list[Episode]:
 
 def score(actors: Actors, episodes: list[Episode]) -> list[Episode]:
     """Attach rewards; episodes the router could not score are dropped (and counted by it)."""
-    items = [{"episode_id": e.episode_id, "response": e.response_text, "task": e.task}
-             for e in episodes]
+    items = [{"episode_id": e.episode_id, "response": e.response_text, "task": e.task,
+              "turn_texts": e.turn_texts, "dialogue": e.dialogue,
+              "env_turn_rewards": e.env_turn_rewards, "token_ids": e.token_ids,
+              "turn_spans": e.turn_spans, "audio": e.audio} for e in episodes]
     kept = []
     for ep, scored in zip(episodes, actors.router.score(items)):
         ep.rewards, ep.reward, ep.reward_error = scored.components, scored.reward, scored.error

@@ -56,18 +56,27 @@ PAIRS_SCHEMA = pa.schema([
 ])
 
 
-def _reply(k: int | str, emotion: str, empathy: str | None) -> str:
+def speech_span(k: int | str, emotion: str) -> str:
+    """A Step-Audio-style spoken answer: 2k discrete speech tokens, distinct per emotion."""
+    base = EMOTIONS.index(emotion) * 16
+    codes = " ".join(f"<audio_{base + (3 * j + int(k)) % 16}>" for j in range(2 * int(k)))
+    return f"<tts_start> {codes} <tts_end>"
+
+
+def _reply(k: int | str, emotion: str, empathy: str | None, speech: bool = False) -> str:
     head = f"<think> i count {k} syllables , voice sounds {emotion} </think>"
-    return " ".join(p for p in (head, empathy, f"the answer is {k}") if p)
+    tail = speech_span(k, emotion) if speech else None
+    return " ".join(p for p in (head, empathy, f"the answer is {k}", tail) if p)
 
 
-def reference_reply(task) -> str:
-    """The chosen reply for a task (a dict row or anything with `.answer` and `.meta`)."""
+def reference_reply(task, speech: bool = False) -> str:
+    """The chosen reply for a task (a dict row or anything with `.answer` and `.meta`);
+    `speech` appends the spoken answer (for Step-Audio-style models)."""
     if isinstance(task, dict):
         k, emotion = task["answer"], task["emotion"]
     else:
         k, emotion = task.answer, task.meta["emotion"]
-    return _reply(k, emotion, EMPATHY[emotion])
+    return _reply(k, emotion, EMPATHY[emotion], speech)
 
 
 def synth_clip(k: int, emotion: str, rng: np.random.Generator) -> np.ndarray:
@@ -119,22 +128,23 @@ def _task_row(index: int, seed: int) -> dict:
                 emotion=emotion, num_syllables=k)
 
 
-def _pair_row(i: int, task: dict, kind: str, rng: np.random.Generator) -> dict:
+def _pair_row(i: int, task: dict, kind: str, rng: np.random.Generator, speech: bool = False) -> dict:
     k, emotion = int(task["answer"]), task["emotion"]
     if kind == "tone_deaf":
         others = [EMPATHY[e] for e in EMOTIONS if e != emotion]
         empathy = None if rng.random() < 0.34 else others[rng.integers(len(others))]
-        rejected = _reply(k, emotion, empathy)
+        rejected = _reply(k, emotion, empathy, speech)
     else:
         wrong = [c for c in range(1, 4) if c != k][rng.integers(2)]
-        rejected = _reply(wrong, emotion, EMPATHY[emotion])
+        rejected = _reply(wrong, emotion, EMPATHY[emotion], speech)
     return dict(pair_id=f"synpair-{i:06d}", prompt_id=task["prompt_id"], turns=task["turns"],
-                chosen=reference_reply(task), rejected=rejected, kind=kind, emotion=emotion)
+                chosen=reference_reply(task, speech), rejected=rejected, kind=kind, emotion=emotion)
 
 
 def generate_synthetic(out_dir, num_tasks: int, seed: int = 0,
-                       num_pairs: int | None = None) -> dict[str, Path]:
-    """Write tasks.parquet and pairs.parquet (default 2 pairs per task: one of each kind)."""
+                       num_pairs: int | None = None, speech_replies: bool = False) -> dict[str, Path]:
+    """Write tasks.parquet and pairs.parquet (default 2 pairs per task: one of each kind).
+    `speech_replies`: replies end with a `<tts_start>` speech span (Step-Audio-style models)."""
     if num_tasks < 1:
         raise ValueError(f"num_tasks={num_tasks}: expected at least 1")
     out = Path(out_dir)
@@ -142,9 +152,49 @@ def generate_synthetic(out_dir, num_tasks: int, seed: int = 0,
     tasks = [_task_row(i, seed) for i in range(num_tasks)]
     num_pairs = 2 * num_tasks if num_pairs is None else num_pairs
     rng = np.random.default_rng([seed, 1_000_003])
-    pairs = [_pair_row(i, tasks[(i // 2) % num_tasks], PAIR_KINDS[i % 2], rng)
+    pairs = [_pair_row(i, tasks[(i // 2) % num_tasks], PAIR_KINDS[i % 2], rng, speech_replies)
              for i in range(num_pairs)]
     paths = {"tasks": out / "tasks.parquet", "pairs": out / "pairs.parquet"}
     pq.write_table(pa.Table.from_pylist(tasks, schema=TASKS_SCHEMA), paths["tasks"])
     pq.write_table(pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA), paths["pairs"])
     return paths
+
+
+DIALOGUES_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("turns", pa.list_(TURN_TYPE)), ("answer", pa.string()),
+    ("choices", pa.list_(pa.string())), ("turn_answers", pa.list_(pa.string())),
+    ("turn_emotions", pa.list_(pa.string())), ("emotion", pa.string()),
+])
+
+
+def _dialogue_row(index: int, seed: int, num_turns: int) -> dict:
+    """A user who asks `num_turns` times, each clip with its own count, the mood shifting."""
+    rng = np.random.default_rng([seed, 7_000_001, index])
+    emotions, answers, turns = [], [], []
+    emotion = EMOTIONS[index % len(EMOTIONS)]
+    for t in range(num_turns):
+        if t:
+            emotion = [e for e in EMOTIONS if e != emotion][rng.integers(len(EMOTIONS) - 1)]
+        k = int(rng.integers(1, 4))
+        text = QUESTION if t == 0 else f"next : {QUESTION}"
+        turns.append(dict(role="user", text=text, audio=encode_wav(synth_clip(k, emotion, rng)),
+                          audio_path=None, sample_rate=SAMPLE_RATE, transcript=None))
+        emotions.append(emotion)
+        answers.append(str(k))
+    return dict(prompt_id=f"syndlg-{index:06d}", turns=turns, answer=answers[-1],
+                choices=list(CHOICES), turn_answers=answers, turn_emotions=emotions,
+                emotion=emotions[0])
+
+
+def generate_synthetic_dialogues(out_dir, num_dialogues: int, num_turns: int = 3,
+                                 seed: int = 0) -> Path:
+    """The multi-turn variant: dialogues.parquet of `num_turns` spoken user turns per row
+    (replayed in order by the `scripted` environment), one answer per turn."""
+    if num_dialogues < 1 or num_turns < 1:
+        raise ValueError(f"num_dialogues={num_dialogues}, num_turns={num_turns}: expected >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [_dialogue_row(i, seed, num_turns) for i in range(num_dialogues)]
+    path = out / "dialogues.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=DIALOGUES_SCHEMA), path)
+    return path

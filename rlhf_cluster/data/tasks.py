@@ -211,9 +211,34 @@ def _task(row: dict, base_dir: Path, where: str) -> Task:
     if choices is not None and (not isinstance(choices, list)
                                 or not all(isinstance(c, str) for c in choices)):
         raise _BadRow("choices", f"a list of strings or null, got {choices!r}")
+    if not any(t.role == "user" for t in turns):
+        raise _BadRow("turns", "at least one user turn; the dialogue has none")
+    _dialogue_fields(row, turns)
     meta = {k: v for k, v in row.items() if k not in ("prompt_id", "turns", "answer", "choices")}
     return Task(prompt_id=prompt_id, turns=turns, answer=None if answer is None else str(answer),
                 choices=choices, meta=meta)
+
+
+def _dialogue_fields(row: dict, turns: list[Turn]) -> None:
+    """Optional multi-turn task fields: one `turn_answers` entry per user segment (consecutive
+    user/system turns answered by one assistant turn), `rubric` items, paralinguistic `labels`."""
+    answers = row.get("turn_answers")
+    if answers is not None:
+        if not isinstance(answers, list) or not all(isinstance(a, (str, int)) for a in answers):
+            raise _BadRow("turn_answers", f"a list of strings (one per user turn), got {answers!r}")
+        segments, open_ = 0, False
+        for turn in turns:
+            if turn.role != "assistant" and not open_:
+                segments += 1
+            open_ = turn.role != "assistant"
+        if len(answers) != segments:
+            raise _BadRow("turn_answers", f"{segments} answer(s), one per user turn, got {len(answers)}")
+    rubric = row.get("rubric")
+    if rubric is not None and (not isinstance(rubric, list) or not all(isinstance(r, str) for r in rubric)):
+        raise _BadRow("rubric", f"a list of strings (rubric items), got {rubric!r}")
+    labels = row.get("labels")
+    if labels is not None and not isinstance(labels, dict):
+        raise _BadRow("labels", f"an object of paralinguistic labels (e.g. emotion), got {labels!r}")
 
 
 def _pair(row: dict, base_dir: Path, where: str) -> Pair:
