@@ -168,7 +168,8 @@ DIALOGUES_SCHEMA = pa.schema([
 
 
 def _dialogue_row(index: int, seed: int, num_turns: int) -> dict:
-    """A user who asks `num_turns` times, each clip with its own count, the mood shifting."""
+    """A user who asks `num_turns` times, each clip with its own count, the mood shifting;
+    reference assistant replies sit between the user turns."""
     rng = np.random.default_rng([seed, 7_000_001, index])
     emotions, answers, turns = [], [], []
     emotion = EMOTIONS[index % len(EMOTIONS)]
@@ -177,6 +178,9 @@ def _dialogue_row(index: int, seed: int, num_turns: int) -> dict:
             emotion = [e for e in EMOTIONS if e != emotion][rng.integers(len(EMOTIONS) - 1)]
         k = int(rng.integers(1, 4))
         text = QUESTION if t == 0 else f"next : {QUESTION}"
+        if t:  # the reference reply to the previous turn (replay puts the policy's in its place)
+            turns.append(dict(role="assistant", text=_reply(answers[-1], emotions[-1], EMPATHY[emotions[-1]]),
+                              audio=None, audio_path=None, sample_rate=None, transcript=None))
         turns.append(dict(role="user", text=text, audio=encode_wav(synth_clip(k, emotion, rng)),
                           audio_path=None, sample_rate=SAMPLE_RATE, transcript=None))
         emotions.append(emotion)
