@@ -251,3 +251,76 @@ def test_dialogue_rows_load_any_rate_and_name_bad_rows(tmp_path):
         assert want in msg, msg
     with pytest.raises(DatasetError, match=r"row 1 \(line 2\) field turns\[2\]\.audio_path: .*gone\.wav.*does not exist"):
         load_tasks(path)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("<think> x </think> the answer is 2 <tts_start> <audio_3> <audio_9> <tts_end>", 1.0),
+    ("<think> x </think> the answer is 2", 0.0),  # no speech
+    ("<think> <tts_start> <audio_3> <tts_end> </think> the answer is 2", 0.0),  # speech only in reasoning
+    ("the answer is 2 <tts_start> <tts_end>", 0.0),  # empty span
+    ("the answer is 2 <tts_start> <audio_3> two <tts_end>", 0.0),  # text inside the span
+    ("the answer is 2 <tts_start> <audio_3> <tts_end> <tts_start> <audio_4> <tts_end>", 0.0),  # two spans
+    ("the answer is 2 <tts_start> <audio_3> <audio_4> <audio_5> <tts_end>", 0.0),  # longer than max 2
+])
+def test_speech_span_verifier(reply, expected):
+    from reward_services.verifiers import VERIFIERS
+
+    assert VERIFIERS["speech_span"](reply, {"max_speech_tokens": 2}) == expected
+
+
+def test_turn_aware_verifier_service_hand_computed():
+    service = VerifierService(["correct", "reasoning_present"])
+    item = {"episode_id": "e", "response": "<think> b </think> the answer is 3",
+            "task": {"answer": "3", "choices": ["1", "2", "3"], "turn_answers": ["1", "2", "3"]},
+            "turn_texts": ["<think> a </think> the answer is 1", "the answer is 3",
+                           "<think> b </think> the answer is 3"]}
+    out = service.score([item, {**item, "task": {**item["task"], "turn_answers": []}},
+                         {k: v for k, v in item.items() if k != "turn_texts"} | {"task": {"answer": "3", "choices": None}}])
+    assert out[0]["__turns__"] == [{"correct": 1.0, "reasoning_present": 1.0}, {"correct": 0.0, "reasoning_present": 0.0},
+                                   {"correct": 1.0, "reasoning_present": 1.0}]
+    assert out[0]["correct"] == pytest.approx(2 / 3) and out[0]["reasoning_present"] == pytest.approx(2 / 3)
+    assert "turn_answers is empty" in out[1]["__error__"]
+    assert out[2] == {"correct": 1.0, "reasoning_present": 1.0}  # single-turn: unchanged, no __turns__
+
+
+def test_causal_lm_adapter_runs_text_only_dialogues(tmp_path, synthetic_dir):
+    """Any plain HF causal LM (text only): ChatML adapter, text turns, no audio inputs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf_cluster.adapters import ChatAdapter, make_adapter
+    from rlhf_cluster.data.tasks import Task, Turn
+    from rlhf_cluster.tiny_model import build_tokenizer
+
+    tok = build_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, eos_token_id=ids("<|im_end|>"),
+                      pad_token_id=ids("<|pad|>"))
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    adapter = make_adapter("auto", str(tmp_path), tok)
+    assert type(adapter) is ChatAdapter and adapter.audio_inputs([]) is None
+    task = Task("t0", [Turn("user", "how many syllables did i say ?")], answer="2", choices=None,
+                meta={"emotion": "calm"})
+    worker = RolloutWorker(0, str(tmp_path), system_prompt=SYSTEM,
+                           dialogue={"env": "scripted", "max_turns": 2})
+    episodes = worker.rollout([task], SAMPLING, step=1)
+    assert len(episodes) == 2 and all(e.audio is None and len(e.turn_spans) == 1 for e in episodes)
+    with pytest.raises(ValueError, match="no audio input"):
+        adapter.render_turn(Turn("user", "", audio=torch.zeros(1600)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dialogue.env=chatbot", r"dialogue.env='chatbot' is not allowed"),
+    ("dialogue.max_turns=0", r"dialogue.max_turns=0 must be > 0"),
+    ("dialogue.env=single_turn", r"dialogue.max_turns=3 with dialogue.env=single_turn"),
+    ("dialogue.max_total_tokens=16", r"dialogue.max_total_tokens=16 must exceed rollout.max_new_tokens=32"),
+    ("model.tiny_family=gpt", r"model.tiny_family='gpt' is not allowed"),
+])
+def test_dialogue_config_is_validated(override, message):
+    from rlhf_cluster.config import ConfigError, load_config
+
+    cfg = load_config("configs/quickstart_dialogue.yaml")
+    assert cfg.dialogue.env == "simulated_user" and cfg.dialogue.max_turns >= 3
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/quickstart_dialogue.yaml", [override])
