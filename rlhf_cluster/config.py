@@ -226,7 +226,7 @@ def validate(cfg: Any) -> None:
     if cfg.dialogue.env == "single_turn" and cfg.dialogue.max_turns != 1:
         raise ConfigError(f"dialogue.max_turns={cfg.dialogue.max_turns} with dialogue.env=single_turn; "
                           "expected 1 (use scripted or simulated_user for multi-turn dialogues)")
-    if cfg.dialogue.max_total_tokens <= cfg.rollout.max_new_tokens:
+    if cfg.dialogue.max_turns > 1 and cfg.dialogue.max_total_tokens <= cfg.rollout.max_new_tokens:
         raise ConfigError(f"dialogue.max_total_tokens={cfg.dialogue.max_total_tokens} must exceed "
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
     missing = OmegaConf.missing_keys(cfg)

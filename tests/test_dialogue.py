@@ -55,15 +55,14 @@ def _recorded_rollout(model_dir, tasks, dialogue, step=1):
 
 
 def _turns_of(rec, episode):
-    """(prompt ids the engine was given, result) for each turn of one episode, in order."""
+    """(prompt ids the engine was given, result) for each turn of one episode, in order: turn 1
+    is the prompt's request (sample i of n), later turns the dialogue's own request."""
+    mine = {episode.prompt_id: episode.sample_index, f"{episode.prompt_id}\x1f{episode.sample_index}": 0}
     out = []
     for requests, results in rec.calls:
         by_id = {r.request_id: r for r in requests}
-        for res in results:
-            if res.request_id.split("\x1f")[0] == episode.prompt_id and \
-                    (res.sample_index == episode.sample_index if "\x1f" not in res.request_id
-                     else res.request_id == f"{episode.prompt_id}\x1f{episode.sample_index}"):
-                out.append((by_id[res.request_id].prompt_ids, res))
+        out += [(by_id[res.request_id].prompt_ids, res) for res in results
+                if mine.get(res.request_id) == res.sample_index]
     return out
 
 

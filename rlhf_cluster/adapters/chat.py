@@ -15,6 +15,21 @@ import torch
 from rlhf_cluster.tiny_model import END_THINK, IM_END, IM_START, THINK
 
 
+def marked_spans(token_ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]:
+    """[start, end) of every `open ... close` block, markers included; an unclosed block runs
+    to the end (a reply cut by the length limit)."""
+    spans, i = [], 0
+    while i < len(token_ids):
+        if token_ids[i] == open_id:
+            end = next((j + 1 for j in range(i + 1, len(token_ids)) if token_ids[j] == close_id),
+                       len(token_ids))
+            spans.append((i, end))
+            i = end
+        else:
+            i += 1
+    return spans
+
+
 class ChatAdapter:
     """ChatML rendering (`<|im_start|>role ... <|im_end|>`), shared by Qwen2-Audio and most LMs.
 
@@ -87,17 +102,8 @@ class ChatAdapter:
         """[start, end) spans of sampled ids: `reasoning` (a `<think>...</think>` block, markers
         included; an unterminated one runs to the end), `speech` (speech-token spans, none for
         text-only families) and `text` (everything else)."""
-        reasoning = []
-        if self.think is not None and self.end_think is not None:
-            i = 0
-            while i < len(token_ids):
-                if token_ids[i] == self.think:
-                    end = next((j + 1 for j in range(i + 1, len(token_ids))
-                                if token_ids[j] == self.end_think), len(token_ids))
-                    reasoning.append((i, end))
-                    i = end
-                else:
-                    i += 1
+        reasoning = (marked_spans(token_ids, self.think, self.end_think)
+                     if self.think is not None and self.end_think is not None else [])
         speech = self._speech_spans(token_ids)
         taken = sorted(reasoning + speech)
         text, pos = [], 0

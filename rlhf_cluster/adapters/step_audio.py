@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_cluster.adapters.chat import marked_spans
 from rlhf_cluster.adapters.qwen2_audio import Qwen2AudioAdapter
 from rlhf_cluster.tiny_model import TTS_END, TTS_START
 
@@ -21,18 +22,5 @@ class StepAudioAdapter(Qwen2AudioAdapter):
         if self.tts_start is None or self.tts_end is None:
             raise ValueError(f"step_audio adapter: the tokenizer lacks {TTS_START} / {TTS_END}")
 
-    def is_speech(self, token_id: int) -> bool:
-        return self.speech_first <= token_id < self.speech_end
-
     def _speech_spans(self, token_ids: list[int]) -> list[tuple[int, int]]:
-        """`<tts_start>` ... `<tts_end>` (markers included; an unclosed span runs to the end)."""
-        spans, i = [], 0
-        while i < len(token_ids):
-            if token_ids[i] == self.tts_start:
-                end = next((j + 1 for j in range(i + 1, len(token_ids))
-                            if token_ids[j] == self.tts_end), len(token_ids))
-                spans.append((i, end))
-                i = end
-            else:
-                i += 1
-        return spans
+        return marked_spans(token_ids, self.tts_start, self.tts_end)
