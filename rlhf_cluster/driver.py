@@ -26,7 +26,7 @@ from rlhf_cluster.config import to_yaml
 from rlhf_cluster.data.tasks import Task, load_tasks
 from rlhf_cluster.experience import Episode, collate, shard_episodes
 from rlhf_cluster.metrics import MetricsSink, Progress, plot_rewards, write_rollouts
-from rlhf_cluster.weight_sync import WeightSync
+from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
 
 log = logging.getLogger("rlhf_cluster")
 
@@ -86,7 +86,7 @@ def start_actors(cfg: Any) -> Actors:
     services = {"verifier": verifier}
     router = RewardRouter(services, dict(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
                           retries=cfg.reward.retries, on_failure=cfg.reward.on_failure)
-    worker_cls = ray.remote(RolloutWorker)
+    worker_cls = rollout_actor_class(RolloutWorker)  # weight sync runs beside generation
     workers = [
         worker_cls.options(name=f"rollout-{i}", num_cpus=cfg.rollout.num_cpus_per_worker,
                            num_gpus=cfg.rollout.num_gpus_per_worker).remote(
@@ -96,7 +96,7 @@ def start_actors(cfg: Any) -> Actors:
         for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in workers])
-    return Actors(workers, learner, router, services, WeightSync(workers), adapter)
+    return Actors(workers, learner, router, services, WeightSync.from_config(cfg, workers, learner), adapter)
 
 
 class TaskSampler:
@@ -196,7 +196,7 @@ def sft_stage(cfg: Any, actors: Actors, run_dir: Path, sink: MetricsSink) -> Non
         sink.log(row)
         if step % cfg.run.log_every == 0 or step == cfg.sft.steps:
             print(progress.line(step, row), flush=True)
-    actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
+    actors.sync.publish(actors.sync.version + 1)
     actors.learner.set_lr(cfg.learner.lr)
 
 
@@ -248,7 +248,7 @@ def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: M
             shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(trainable, cfg.learner.num_ranks)]
             train_metrics = actors.learner.train_step(shards)
             t_train = time.perf_counter()
-            actors.sync.push(version + 1, actors.learner.named_tensors(), wait=(mode == "sync"))
+            actors.sync.publish(version + 1, wait=(mode == "sync"))
         else:
             print(f"[rl] step {step}: only {len(trainable)} of {len(episodes)} episodes trainable "
                   f"(stale or unscored); step skipped", flush=True)
@@ -299,7 +299,7 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
     started = time.perf_counter()
     actors = start_actors(cfg)
     try:
-        actors.sync.push(0, actors.learner.named_tensors())
+        actors.sync.publish(0)
         sink = MetricsSink(run_dir)
         summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped_rows": len(task_set.skipped)}
         if "sft" in cfg.run.stages:
@@ -317,4 +317,5 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
         print(f"done in {summary['wall_time_s']:.0f}s; checkpoint: {run_dir / 'checkpoint'}", flush=True)
         return summary
     finally:
+        actors.sync.close()
         actors.learner.shutdown()
