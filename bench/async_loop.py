@@ -71,11 +71,12 @@ def component_throughputs(tmp: Path, steps: int, latency: float) -> tuple[float,
             shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(scored, cfg.learner.num_ranks)]
             t0 = time.perf_counter()
             actors.learner.train_step(shards)
-            actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
+            actors.sync.publish(actors.sync.version + 1)
             train_times.append(time.perf_counter() - t0)
         n = len(batches[0])
         return n / statistics.fmean(gen_times[1:]), n / statistics.fmean(train_times[1:])
     finally:
+        actors.sync.close()
         actors.learner.shutdown()
         for w in actors.workers:
             ray.kill(w)
@@ -85,11 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--latency", type=float, default=0.03, help="seconds per token, latency variant")
+    parser.add_argument("--variants", default="cpu,latency")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-async-"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     print(f"{'variant':<10}{'mode':<14}{'samples/s':>10}{'vs sync':>9}{'gen-only':>10}{'train-only':>11}{'loop eff':>9}")
     for label, latency in (("cpu", 0.0), ("latency", args.latency)):
+        if label not in args.variants.split(","):
+            continue
         gen, train = component_throughputs(tmp, args.steps, latency)
         sync = None
         for mode in ("sync", "one_step_off", "async"):
