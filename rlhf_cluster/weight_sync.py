@@ -110,7 +110,8 @@ class WeightSync:
         address = ray.get(leader.sync_address.remote(), timeout=self.timeout_s)
         if self._meta is None:
             self._meta = ray.get(leader.sync_meta.remote(), timeout=self.timeout_s)
-        nodes = ray.get([self._call(w, "sync_node") for w in self.workers], timeout=self.timeout_s)
+        nodes = self._gather([(i, self._call(w, "sync_node")) for i, w in enumerate(self.workers)],
+                             self.version + 1, "locating the workers")
         backend = self.backend if self.backend != "auto" else ("nccl" if address["gpu"] else "gloo")
         self.transports = assign_transports(self.transport, address["node_id"], nodes, backend)
         common = {"meta": self._meta, "bucket_bytes": self.bucket_bytes, "timeout_s": self.timeout_s}
@@ -209,6 +210,12 @@ class WeightSync:
         self.version = version
         if wait:
             self.wait()
+
+    def served_gate(self):
+        """A callable (safe to run on another thread) that blocks until every worker answered
+        the newest sync, or the timeout passed; `wait()` reports failures."""
+        refs = [r for _, r in self._inflight[-1].worker_refs] if self._inflight else []
+        return lambda: ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s + 30) if refs else None
 
     def wait(self) -> None:
         """Block until every started sync is served; raise naming a dead, failed or wrong worker."""
