@@ -193,19 +193,20 @@ def open_group(host: str, port: int, rank: int, world_size: int, backend: str = 
 
     Rank 0 hosts the TCPStore at (host, port). Independent of any default process group.
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"unknown backend {backend!r} (gloo or nccl)")
+    if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise RuntimeError("the nccl weight-sync backend needs torch with NCCL and a CUDA device in "
+                           "every process of the group; set sync.backend=gloo on CPU")
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         device = torch.device("cpu")
-    elif backend == "nccl":
-        if not dist.is_nccl_available():
-            raise RuntimeError("torch was built without NCCL")
+    else:
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        raise ValueError(f"unknown backend {backend!r} (gloo or nccl)")
     return BroadcastGroup(pg=pg, store=store, rank=rank, world_size=world_size, backend=backend,
                           device=device)

@@ -156,3 +156,16 @@ def test_dead_receiver_fails_the_send_in_bounded_time(kind, ray_session):
         ray.get(alive, timeout=60)
     for actor in (sender, receivers[0]):
         ray.kill(actor)
+
+
+def test_nccl_backend_without_cuda_is_a_clear_error():
+    from rlhf_cluster.weight_broadcast import free_port, open_group
+
+    if torch.cuda.is_available():
+        pytest.skip("this box has CUDA: the NCCL group would form")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="sync.backend=gloo"):
+        open_group("127.0.0.1", free_port(), 0, 2, "nccl", timeout_s=60)
+    assert time.monotonic() - t0 < 5  # refused before any rendezvous
+    with pytest.raises(ValueError, match="gloo or nccl"):
+        open_group("127.0.0.1", free_port(), 0, 2, "mpi")
