@@ -18,6 +18,7 @@ from actors.engine import SamplingParams
 from rlhf_cluster.adapters import make_adapter
 from rlhf_cluster.data.tasks import Task
 from rlhf_cluster.experience import Episode
+from rlhf_cluster.weight_transport import ReceiverEnd, SwapGuard
 
 
 def make_engine(kind: str, model_path: str, dtype: str, pad_token_id: int, seed: int, **kwargs):
@@ -38,7 +39,8 @@ class RolloutWorker:
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.adapter = make_adapter(adapter, model_path, self.tokenizer)
-        self.engine = make_engine(engine, model_path, dtype, self.adapter.pad_id, seed + 1000 * index)
+        self.engine = SwapGuard(make_engine(engine, model_path, dtype, self.adapter.pad_id, seed + 1000 * index))
+        self.weight_receiver = ReceiverEnd()  # weight-sync transport end (rlhf_cluster.weight_sync)
         self.system_prompt = system_prompt
         self.simulated_token_latency_s = simulated_token_latency_s
         dialogue = dict(dialogue or {"env": "single_turn", "max_turns": 1})
@@ -58,10 +60,29 @@ class RolloutWorker:
 
     def update_weights(self, version: int, named_tensors: dict[str, torch.Tensor]) -> int:
         self.engine.update_weights(version, named_tensors)
-        return version
+        return self.engine.weight_version
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return self.engine.named_tensors()
+
+    # ---- weight-sync receiver (driven by rlhf_cluster.weight_sync.WeightSync) ---------------
+
+    def sync_node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def sync_connect(self, spec: dict) -> int:
+        self.weight_receiver.connect(spec)
+        return self.index
+
+    def sync_receive(self, version: int) -> int:
+        """Receive `version` through the group, swap it in; returns the version now served."""
+        self.weight_receiver.receive(version, self.update_weights)
+        return self.engine.weight_version
+
+    def sync_close(self) -> None:
+        self.weight_receiver.close()
 
     def rollout(self, tasks: list[Task], sampling: dict, step: int) -> list[Episode]:
         """`n` episodes per task, tasks in order, samples in order."""

@@ -1,13 +1,15 @@
 """Samples/s of the execution modes side by side, and loop efficiency.
 
-    python bench/async_loop.py [--steps 12] [--latency 0.03]
+    python bench/async_loop.py [--steps 12] [--latency auto|SECONDS] [--variants cpu,latency]
 
 For each mode (sync, one_step_off, async) the same config runs `--steps` RL steps; samples/s
 is measured over the steps after the first (warm-up). Generation-only and training-only
 throughputs are measured on the same actors, and loop efficiency is
 achieved / min(generation-only, training-only). The `latency` variant adds a per-token sleep in
 the rollout worker: a stand-in for GPU decoding that leaves the CPU to the learner, so overlap
-is measurable on a 2-core machine. Prints a table; never asserts.
+is measurable on a 2-core machine; `--latency auto` picks the sleep that makes generation-only
+as slow as training-only (the balanced case, where a 2-stage pipeline can at best halve the
+step time). Prints a table; never asserts.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def component_throughputs(tmp: Path, steps: int, latency: float) -> tuple[float,
             shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(scored, cfg.learner.num_ranks)]
             t0 = time.perf_counter()
             actors.learner.train_step(shards)
-            actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
+            actors.sync.publish(actors.sync.version + 1)
             train_times.append(time.perf_counter() - t0)
         n = len(batches[0])
         return n / statistics.fmean(gen_times[1:]), n / statistics.fmean(train_times[1:])
     finally:
+        actors.sync.close()
         actors.learner.shutdown()
         for w in actors.workers:
             ray.kill(w)
@@ -84,18 +87,31 @@ def component_throughputs(tmp: Path, steps: int, latency: float) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--latency", type=float, default=0.03, help="seconds per token, latency variant")
+    parser.add_argument("--latency", default="auto",
+                        help="seconds per token of the latency variant; auto: generation ~= training")
+    parser.add_argument("--variants", default="cpu,latency")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-async-"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    print(f"{'variant':<10}{'mode':<14}{'samples/s':>10}{'vs sync':>9}{'gen-only':>10}{'train-only':>11}{'loop eff':>9}")
-    for label, latency in (("cpu", 0.0), ("latency", args.latency)):
+    print(f"{'variant':<13}{'mode':<14}{'samples/s':>10}{'vs sync':>9}{'gen-only':>10}{'train-only':>11}{'loop eff':>9}")
+    for label in args.variants.split(","):
+        latency = 0.0
+        if label == "latency" and args.latency == "auto":
+            # the sleep per token that makes a batch's generation take as long as its training
+            cfg = load_config("configs/quickstart.yaml", base_overrides(tmp, 1, 0.0))
+            gen0, train0 = component_throughputs(tmp, args.steps, 0.0)
+            n = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+            latency = max(0.0, (n / train0 - n / gen0) / cfg.rollout.max_new_tokens)
+            print(f"calibrated latency: {latency * 1000:.1f} ms/token (cpu gen-only {gen0:.1f}, "
+                  f"train-only {train0:.1f} samples/s)", flush=True)
+        elif label == "latency":
+            latency = float(args.latency)
         gen, train = component_throughputs(tmp, args.steps, latency)
         sync = None
         for mode in ("sync", "one_step_off", "async"):
             sps = mode_throughput(tmp, mode, args.steps, latency)
             sync = sync or sps
-            print(f"{label:<10}{mode:<14}{sps:>10.1f}{sps / sync:>9.2f}{gen:>10.1f}{train:>11.1f}"
+            print(f"{label + f'({latency * 1000:.0f}ms)':<13}{mode:<14}{sps:>10.1f}{sps / sync:>9.2f}{gen:>10.1f}{train:>11.1f}"
                   f"{sps / min(gen, train):>9.2f}", flush=True)
     ray.shutdown()
 

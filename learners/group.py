@@ -99,6 +99,11 @@ class LearnerGroup:
         self._check_shards(shards)
         return self._call("logprobs", per_rank=shards)
 
+    def submit(self, method: str, *args) -> list[ray.ObjectRef]:
+        """Start `method` on every rank without waiting (weight sync runs beside the driver);
+        calls queued after it on the ranks run once it is done."""
+        return [getattr(w, method).remote(*args) for w in self.workers]
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return self._call("named_tensors")[0]
 

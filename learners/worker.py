@@ -19,6 +19,7 @@ import torch.distributed as dist
 from learners.losses import policy_loss, sft_loss, token_logprobs
 from rlhf_cluster.batch import TrainBatch
 from rlhf_cluster.models import DTYPES, load_model
+from rlhf_cluster.weight_transport import SenderEnd, gathered_items, param_meta
 
 # Tensors of `model_inputs` indexed by audio clip rather than by row.
 CLIP_KEYS = ("input_features", "feature_attention_mask")
@@ -67,6 +68,7 @@ class LearnerWorker:
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device = self.engine.device
+        self.weight_sender = SenderEnd() if rank == 0 else None  # weight-sync end (rank 0 streams)
         self.ref = None
         if cfg["kl_coef"] > 0:
             self.ref = load_model(model_path, dtype).to(self.device).eval().requires_grad_(False)
@@ -225,6 +227,49 @@ class LearnerWorker:
                 if self.rank == 0:
                     out[name] = param.detach().to("cpu", copy=True)
         return out if self.rank == 0 else None
+
+    # ---- weight sync (driven by rlhf_cluster.weight_sync.WeightSync) ----------------------
+
+    def sync_address(self) -> dict:
+        return {**self.weight_sender.address(), "gpu": self.device.type == "cuda"}
+
+    def sync_meta(self) -> list[tuple[str, tuple, str]]:
+        return param_meta(self.engine.module.named_parameters())
+
+    def sync_connect(self, spec: dict) -> None:
+        self.weight_sender.connect(spec)
+
+    def sync_send(self, version: int, snapshot: bool = False) -> dict | None:
+        """Stream `version` from rank 0 straight to the rollout workers (every rank takes part:
+        ZeRO-3 parameters are gathered one at a time). With `snapshot`, rank 0 also keeps a
+        full copy and returns [object ref] of it for workers served through the object store."""
+        import ray
+
+        items = gathered_items(self.engine.module.named_parameters())
+        if self.rank != 0:
+            for _ in items:  # follow rank 0's gathers
+                pass
+            return None
+        copies = {}
+        if snapshot:
+            items = ((name, copies.setdefault(name, t.to("cpu", copy=True))) for name, t in items)
+        try:
+            info = self.weight_sender.send(version, items) if self.weight_sender.layout else {"version": version}
+        finally:
+            for _ in items:  # the gathers of every rank must complete even if sending failed
+                pass
+        return {**info, "snapshot": [ray.put(copies)] if snapshot else None}
+
+    def sync_snapshot(self) -> dict | None:
+        """Rank 0: [object ref] of a full CPU copy of the weights (every rank joins the gathers),
+        for a worker served through the object store (a late joiner, or object_store transport)."""
+        import ray
+
+        copies = {name: t.to("cpu", copy=True) for name, t in gathered_items(self.engine.module.named_parameters())}
+        return {"snapshot": [ray.put(copies)]} if self.rank == 0 else None
+
+    def sync_close(self) -> None:
+        self.weight_sender.close()
 
     def save(self, out_dir: str) -> None:
         """Rank 0 writes a Hugging Face directory (safetensors + the source's tokenizer files)."""

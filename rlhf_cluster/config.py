@@ -125,6 +125,16 @@ class RLConfig:
 
 
 @dataclass
+class SyncConfig:
+    # how weights reach the rollout workers (docs/weight_sync.md): auto = shm for workers on
+    # learner rank 0's node (gloo backend), broadcast for the others; object_store = Ray fallback
+    transport: str = "auto"  # auto | shm | broadcast | object_store
+    backend: str = "auto"  # broadcast group: auto (nccl if the learner has GPUs else gloo) | gloo | nccl
+    bucket_mb: float = 256.0  # bucket size: the learner packs/gathers at most this much ahead
+    timeout_s: float = 120.0  # a dead or absent worker fails a sync after this long, never hangs
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/quickstart"
     seed: int = 0
@@ -157,6 +167,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -176,12 +187,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dialogue.env": ("single_turn", "scripted", "simulated_user"),
     "dialogue.user_policy": ("rule_based",),
     "dialogue.synthesizer": ("procedural",),
+    "sync.transport": ("auto", "shm", "broadcast", "object_store"),
+    "sync.backend": ("auto", "gloo", "nccl"),
 }
 STAGES = ("sft", "rl")
 POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_per_prompt",
             "rollout.max_new_tokens", "learner.num_ranks", "learner.micro_batch_size",
             "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "rl.max_buffered_batches", "learner.tis_cap", "reward.timeout_s", "data.synthetic_num_tasks",
-            "dialogue.max_turns", "dialogue.max_total_tokens")
+            "dialogue.max_turns", "dialogue.max_total_tokens",
+            "sync.bucket_mb", "sync.timeout_s")
 NON_NEGATIVE = ("learner.lr", "sft.lr", "rl.max_staleness", "learner.kl_coef", "learner.clip_eps_low",
                 "learner.clip_eps_high", "learner.grad_clip", "rollout.temperature",
                 "reward.retries", "rollout.num_gpus_per_worker", "rollout.simulated_token_latency_s", "learner.num_gpus_per_rank")

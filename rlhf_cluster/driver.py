@@ -13,6 +13,7 @@ import math
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from rlhf_cluster.config import to_yaml
 from rlhf_cluster.data.tasks import Task, load_tasks
 from rlhf_cluster.experience import Episode, collate, shard_episodes
 from rlhf_cluster.metrics import MetricsSink, Progress, plot_rewards, write_rollouts
-from rlhf_cluster.weight_sync import WeightSync
+from rlhf_cluster.rollout_pipeline import RolloutPipeline
+from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
 
 log = logging.getLogger("rlhf_cluster")
 
@@ -87,7 +89,7 @@ def start_actors(cfg: Any) -> Actors:
     services = {"verifier": verifier}
     router = RewardRouter(services, dict(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
                           retries=cfg.reward.retries, on_failure=cfg.reward.on_failure)
-    worker_cls = ray.remote(RolloutWorker)
+    worker_cls = rollout_actor_class(RolloutWorker)  # weight sync runs beside generation
     workers = [
         worker_cls.options(name=f"rollout-{i}", num_cpus=cfg.rollout.num_cpus_per_worker,
                            num_gpus=cfg.rollout.num_gpus_per_worker).remote(
@@ -98,7 +100,7 @@ def start_actors(cfg: Any) -> Actors:
         for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in workers])
-    return Actors(workers, learner, router, services, WeightSync(workers), adapter)
+    return Actors(workers, learner, router, services, WeightSync.from_config(cfg, workers, learner), adapter)
 
 
 class TaskSampler:
@@ -200,7 +202,7 @@ def sft_stage(cfg: Any, actors: Actors, run_dir: Path, sink: MetricsSink) -> Non
         sink.log(row)
         if step % cfg.run.log_every == 0 or step == cfg.sft.steps:
             print(progress.line(step, row), flush=True)
-    actors.sync.push(actors.sync.version + 1, actors.learner.named_tensors())
+    actors.sync.publish(actors.sync.version + 1)
     actors.learner.set_lr(cfg.learner.lr)
 
 
@@ -220,67 +222,81 @@ def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: M
     bound = {"sync": 0, "one_step_off": 1, "async": cfg.rl.max_staleness}[mode]
     sampler = TaskSampler(tasks, cfg.run.seed)
     progress = Progress(cfg.rl.steps, "rl")
-    pending: list[tuple[int, list]] = []
-    next_batch = 1
+    # `ahead` batches stay queued on the workers and are scored on driver threads while the
+    # learner trains; rollout Parquet files are written by a writer thread
+    pipeline = RolloutPipeline(
+        submit=lambda b: submit_rollouts(actors, sampler.sample(cfg.rollout.prompts_per_step), sampling, b),
+        collect=collect_rollouts, score=lambda eps: score(actors, eps),
+        num_batches=cfg.rl.steps, in_flight=1 + ahead)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="rollout-writer")
+    writes = []
     rewards = []
-    for step in range(1, cfg.rl.steps + 1):
-        t0 = time.perf_counter()
-        while len(pending) < 1 + ahead and next_batch <= cfg.rl.steps:
-            pending.append((next_batch, submit_rollouts(
-                actors, sampler.sample(cfg.rollout.prompts_per_step), sampling, next_batch)))
-            next_batch += 1
-        batch_id, refs = pending.pop(0)  # `ahead` batches stay queued: they overlap training
-        episodes = collect_rollouts(refs, batch_id)
-        t_gen = time.perf_counter()
-        scored = score(actors, episodes)
-        version = actors.sync.version
-        trainable = []
-        for ep in episodes:
-            ep.staleness = version - ep.policy_version
-            if ep.reward is None:
-                ep.dropped = "reward_failed"
-            elif ep.staleness > bound and cfg.rl.on_stale == "drop":
-                ep.dropped = "stale"
-            else:
-                trainable.append(ep)
-        assign_advantages(trainable, cfg.learner.advantage_std_norm)
-        if cfg.run.save_rollouts:
-            write_rollouts(run_dir, step, episodes)
-        t_score = time.perf_counter()
-        train_metrics = {}
-        if len(trainable) >= cfg.learner.num_ranks:
-            shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(trainable, cfg.learner.num_ranks)]
-            train_metrics = actors.learner.train_step(shards)
-            t_train = time.perf_counter()
-            actors.sync.push(version + 1, actors.learner.named_tensors(), wait=(mode == "sync"))
-        else:
-            print(f"[rl] step {step}: only {len(trainable)} of {len(episodes)} episodes trainable "
-                  f"(stale or unscored); step skipped", flush=True)
-            t_train = time.perf_counter()
-        t_end = time.perf_counter()
-        n_tokens = sum(e.num_response_tokens for e in episodes)
-        reward_mean = statistics.fmean(e.reward for e in scored) if scored else math.nan
-        rewards.append(reward_mean)
-        stale = [e.staleness for e in trainable]
-        row = {"stage": "rl", "step": step, "mode": mode, "reward_mean": reward_mean,
-               **{f"reward.{k}": statistics.fmean(e.rewards[k] for e in scored)
-                  for k in (scored[0].rewards if scored else {})},
-               "samples": len(episodes), "trained_samples": len(trainable),
-               "dropped_episodes": len(episodes) - len(trainable),
-               "dropped_stale": sum(e.dropped == "stale" for e in episodes),
-               "dropped_reward_failed": sum(e.dropped == "reward_failed" for e in episodes),
-               "samples_per_s": len(episodes) / (t_end - t0), "tokens_per_s": n_tokens / (t_end - t0),
-               "response_len_mean": n_tokens / len(episodes),
-               "step_time_s": t_end - t0, "gen_wait_s": t_gen - t0, "score_time_s": t_score - t_gen,
-               "train_time_s": t_train - t_score, "sync_time_s": t_end - t_train,
-               "weight_version": actors.sync.version,
-               "staleness_max": max(stale, default=0), "staleness_mean": statistics.fmean(stale) if stale else 0.0,
-               **{f"train.{k}": v for k, v in train_metrics.items()}}
-        sink.log(row)
-        if step % cfg.run.log_every == 0 or step == cfg.rl.steps:
-            print(progress.line(step, row), flush=True)
+    try:
+        for step in range(1, cfg.rl.steps + 1):
+            rewards.append(_rl_step(cfg, actors, pipeline, writer, writes, run_dir, sink, progress,
+                                    step, mode, bound))
+        for w in writes:
+            w.result()  # a failed write fails the run
+    finally:
+        pipeline.close()
+        writer.shutdown(wait=True)
     actors.sync.wait()
     return rewards
+
+
+def _rl_step(cfg: Any, actors: Actors, pipeline: RolloutPipeline, writer: ThreadPoolExecutor, writes: list,
+             run_dir: Path, sink: MetricsSink, progress: Progress, step: int, mode: str, bound: int) -> float:
+    """One step of `rl_stage`: take the next scored batch, drop stale episodes, train, publish."""
+    t0 = time.perf_counter()
+    _, episodes, scored, score_s = pipeline.next()
+    t_gen = time.perf_counter()
+    version = actors.sync.version
+    trainable = []
+    for ep in episodes:
+        ep.staleness = version - ep.policy_version
+        if ep.reward is None:
+            ep.dropped = "reward_failed"
+        elif ep.staleness > bound and cfg.rl.on_stale == "drop":
+            ep.dropped = "stale"
+        else:
+            trainable.append(ep)
+    assign_advantages(trainable, cfg.learner.advantage_std_norm)
+    if cfg.run.save_rollouts:
+        writes.append(writer.submit(write_rollouts, run_dir, step, episodes))
+    t_score = time.perf_counter()
+    train_metrics = {}
+    if len(trainable) >= cfg.learner.num_ranks:
+        shards = [collate(s, actors.adapter.pad_id) for s in shard_episodes(trainable, cfg.learner.num_ranks)]
+        train_metrics = actors.learner.train_step(shards)
+        t_train = time.perf_counter()
+        actors.sync.publish(version + 1, wait=(mode == "sync"))
+    else:
+        print(f"[rl] step {step}: only {len(trainable)} of {len(episodes)} episodes trainable "
+              f"(stale or unscored); step skipped", flush=True)
+        t_train = time.perf_counter()
+    pipeline.release(actors.sync.served_gate())  # the next batch is generated by the new weights
+    t_end = time.perf_counter()
+    n_tokens = sum(e.num_response_tokens for e in episodes)
+    reward_mean = statistics.fmean(e.reward for e in scored) if scored else math.nan
+    stale = [e.staleness for e in trainable]
+    row = {"stage": "rl", "step": step, "mode": mode, "reward_mean": reward_mean,
+           **{f"reward.{k}": statistics.fmean(e.rewards[k] for e in scored)
+              for k in (scored[0].rewards if scored else {})},
+           "samples": len(episodes), "trained_samples": len(trainable),
+           "dropped_episodes": len(episodes) - len(trainable),
+           "dropped_stale": sum(e.dropped == "stale" for e in episodes),
+           "dropped_reward_failed": sum(e.dropped == "reward_failed" for e in episodes),
+           "samples_per_s": len(episodes) / (t_end - t0), "tokens_per_s": n_tokens / (t_end - t0),
+           "response_len_mean": n_tokens / len(episodes),
+           "step_time_s": t_end - t0, "gen_wait_s": t_gen - t0, "score_time_s": score_s,
+           "train_time_s": t_train - t_score, "sync_time_s": t_end - t_train,
+           "weight_version": actors.sync.version,
+           "staleness_max": max(stale, default=0), "staleness_mean": statistics.fmean(stale) if stale else 0.0,
+           **{f"train.{k}": v for k, v in train_metrics.items()}}
+    sink.log(row)
+    if step % cfg.run.log_every == 0 or step == cfg.rl.steps:
+        print(progress.line(step, row), flush=True)
+    return reward_mean
 
 
 def summarize(rewards: list[float], window: int = 10) -> dict[str, float]:
@@ -303,7 +319,7 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
     started = time.perf_counter()
     actors = start_actors(cfg)
     try:
-        actors.sync.push(0, actors.learner.named_tensors())
+        actors.sync.publish(0)
         sink = MetricsSink(run_dir)
         summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped_rows": len(task_set.skipped)}
         if "sft" in cfg.run.stages:
@@ -321,4 +337,5 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
         print(f"done in {summary['wall_time_s']:.0f}s; checkpoint: {run_dir / 'checkpoint'}", flush=True)
         return summary
     finally:
+        actors.sync.close()
         actors.learner.shutdown()

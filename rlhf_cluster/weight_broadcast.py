@@ -1,28 +1,22 @@
-"""Bucketed, versioned weight broadcast from learner rank 0 to rollout workers.
+"""Building blocks of the weight-sync transports: bucket plans, flat layouts, process groups.
 
-A dedicated torch.distributed process group (rank 0 = learner rank 0, ranks 1.. = rollout
-workers) is built from its own TCPStore, independent of the learners' default group. A weight
-version is streamed as size-bounded buckets: each bucket is one contiguous byte buffer holding
-several tensors (any mix of dtypes, bit-exact), sent with ONE broadcast from rank 0. There are
-no per-parameter round trips and no object-store copies.
+A weight version is a list of tensors described by `meta` (names, shapes, dtypes, in order).
+It travels as size-bounded buckets: each bucket is one contiguous byte range holding several
+tensors (any mix of dtypes, bit-exact, each at a 16-byte aligned offset). Sender and receivers
+derive the same plan from the same `meta` and `bucket_bytes`, so only `meta` (small) travels
+out of band. The buckets laid end to end form the `Layout` of one flat byte buffer: the
+receive buffer of a broadcast receiver, or the shared-memory segment of same-node workers.
 
-Both sides derive the same bucket plan from the same `meta` (names, shapes, dtypes in order)
-and `bucket_bytes`, so only `meta` (small) travels out of band, e.g. through a Ray call.
-The sender packs bucket i+1 while bucket i is on the wire (two buffers); the receiver posts the
-receive of bucket i+1 before handing bucket i to its sink.
-
-    # learner rank 0 (actor)              # each rollout worker (actor), rank r in 1..N
-    sender = WeightSender()               receiver = WeightReceiver()
-    host, port = sender.listen()          receiver.join(host, port, r, N + 1)   # concurrently
-    sender.join(host, port, 0, N + 1)
-    sender.send(v, named_tensors, bb)     receiver.receive(v, meta, bb, apply_fn)  # concurrently
+The dedicated torch.distributed group (rank 0 = learner rank 0, ranks 1.. = rollout workers)
+is built from its own TCPStore, independent of the learners' default group, with a timeout
+so a dead or absent peer raises instead of hanging (`weight_transport` uses all of this).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -104,6 +98,41 @@ def _view(buf: torch.Tensor, offset: int, shape, dtype_str: str) -> torch.Tensor
 
 
 @dataclass
+class Layout:
+    """Where every tensor of a version lives in one flat byte buffer: buckets end to end."""
+
+    meta: WeightMeta
+    buckets: list[list[int]]  # tensor indices per bucket (`plan_buckets`)
+    ranges: list[tuple[int, int]]  # [start, end) of each bucket in the flat buffer
+    offsets: list[int]  # flat byte offset of each tensor (meta order)
+    total: int  # bytes of the flat buffer
+
+    @classmethod
+    def build(cls, meta: WeightMeta, bucket_bytes: int) -> "Layout":
+        buckets = plan_buckets(meta, bucket_bytes)
+        ranges, offsets, start = [], [0] * len(meta), 0
+        for bucket in buckets:
+            rel, size = _layout(meta, bucket)
+            for i, off in zip(bucket, rel):
+                offsets[i] = start + off
+            ranges.append((start, start + size))
+            start += size
+        return cls(meta, buckets, ranges, offsets, start)
+
+    @property
+    def max_bucket(self) -> int:
+        return max((end - start for start, end in self.ranges), default=0)
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        _, shape, dtype_str = self.meta[i]
+        return _view(flat, self.offsets[i], shape, dtype_str)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> tensor view into `flat` (a complete weight set; no copy)."""
+        return {name: self.view(flat, i) for i, (name, _, _) in enumerate(self.meta)}
+
+
+@dataclass
 class BroadcastGroup:
     """A stand-alone process group plus what the send/recv helpers need to know about it."""
 
@@ -125,6 +154,11 @@ class BroadcastGroup:
         with self._lock:
             self.broadcasts += 1
         return self.pg.broadcast([buf], opts)
+
+    def barrier(self) -> None:
+        """All ranks meet (a one-element all-reduce); raises after the group's timeout."""
+        flag = torch.zeros(1, device=self.device)
+        self.pg.allreduce([flag]).wait()
 
     def buffers(self, cap: int, count: int) -> list[torch.Tensor]:
         """`count` byte buffers of at least `cap` bytes; cached when keep_buffers is set."""
@@ -159,160 +193,20 @@ def open_group(host: str, port: int, rank: int, world_size: int, backend: str = 
 
     Rank 0 hosts the TCPStore at (host, port). Independent of any default process group.
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"unknown backend {backend!r} (gloo or nccl)")
+    if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise RuntimeError("the nccl weight-sync backend needs torch with NCCL and a CUDA device in "
+                           "every process of the group; set sync.backend=gloo on CPU")
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         device = torch.device("cpu")
-    elif backend == "nccl":
-        if not dist.is_nccl_available():
-            raise RuntimeError("torch was built without NCCL")
+    else:
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        raise ValueError(f"unknown backend {backend!r} (gloo or nccl)")
     return BroadcastGroup(pg=pg, store=store, rank=rank, world_size=world_size, backend=backend,
                           device=device)
-
-
-def send_weights(group: BroadcastGroup, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                 meta: WeightMeta, bucket_bytes: int) -> int:
-    """Rank 0: broadcast the tensors bucket by bucket; returns the number of buckets.
-
-    `named_tensors` may be a dict or a lazy iterable (e.g. a generator that gathers one ZeRO-3
-    parameter at a time): it is consumed in meta order, so only ~2 buckets are held at once.
-    Names, shapes and dtypes must match meta exactly (checked).
-    """
-    if group.rank != 0:
-        raise RuntimeError("send_weights runs on rank 0 of the broadcast group")
-    items = iter(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
-    plan = plan_buckets(meta, bucket_bytes)
-    cap = max((_layout(meta, b)[1] for b in plan), default=0)
-    buffers = group.buffers(cap, min(2, len(plan)))
-    pending = [None, None]
-    for k, bucket in enumerate(plan):
-        slot = k % 2
-        if pending[slot] is not None:  # buffer still on the wire from bucket k-2
-            pending[slot].wait()
-        offsets, size = _layout(meta, bucket)
-        buf = buffers[slot][:size]
-        for i, off in zip(bucket, offsets):
-            name, shape, dtype_str = meta[i]
-            try:
-                got_name, tensor = next(items)
-            except StopIteration:
-                raise ValueError(f"named_tensors ended before {name!r}") from None
-            if got_name != name or tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != dtype_str:
-                raise ValueError(f"tensor #{i} is {got_name!r} {tuple(tensor.shape)} {tensor.dtype}, "
-                                 f"meta says {name!r} {tuple(shape)} {dtype_str}")
-            _view(buf, off, shape, dtype_str).copy_(tensor)
-        pending[slot] = group.broadcast(buf)
-    for work in pending:
-        if work is not None:
-            work.wait()
-    if next(items, None) is not None:
-        raise ValueError("named_tensors has more tensors than meta")
-    return len(plan)
-
-
-def recv_weights(group: BroadcastGroup, meta: WeightMeta, bucket_bytes: int,
-                 sink: Callable[[dict[str, torch.Tensor]], None]) -> int:
-    """Ranks 1..: receive every bucket and call sink({name: tensor}) once per bucket, in order.
-
-    The tensors handed to sink are views into a reused receive buffer: sink must copy them
-    (e.g. param.copy_(t)) before it returns. Returns the number of buckets.
-    """
-    if group.rank == 0:
-        raise RuntimeError("recv_weights runs on ranks 1.. of the broadcast group")
-    plan = plan_buckets(meta, bucket_bytes)
-    layouts = [_layout(meta, b) for b in plan]
-    cap = max((size for _, size in layouts), default=0)
-    buffers = group.buffers(cap, min(2, len(plan)))
-
-    def post(k):
-        return group.broadcast(buffers[k % 2][:layouts[k][1]])
-
-    work = post(0) if plan else None
-    for k, bucket in enumerate(plan):
-        work.wait()
-        if k + 1 < len(plan):
-            work = post(k + 1)  # the other buffer: its previous bucket was handed to sink already
-        buf = buffers[k % 2]
-        offsets, _ = layouts[k]
-        sink({meta[i][0]: _view(buf, off, meta[i][1], meta[i][2]) for i, off in zip(bucket, offsets)})
-    return len(plan)
-
-
-class WeightSender:
-    """Mixin/helper for learner rank 0: owns the sender end of the broadcast group."""
-
-    def __init__(self):
-        self._wb_group: BroadcastGroup | None = None
-        self.sent_version = -1
-        self.last_buckets = 0
-
-    def listen(self) -> tuple[str, int]:
-        """Pick this node's IP and a free port for the group's TCPStore; pass them to every rank."""
-        return node_ip(), free_port()
-
-    def join(self, host: str, port: int, rank: int = 0, world_size: int = 2, backend: str = "gloo",
-             timeout_s: float = 120) -> int:
-        if rank != 0:
-            raise ValueError("the sender is rank 0")
-        self._wb_group = open_group(host, port, 0, world_size, backend, timeout_s)
-        return rank
-
-    def send(self, version: int, named_tensors, bucket_bytes: int, meta: WeightMeta | None = None) -> int:
-        """Broadcast one version; with a lazy iterable pass meta (a dict's meta is derived)."""
-        if self._wb_group is None:
-            raise RuntimeError("join the broadcast group first")
-        if version <= self.sent_version:
-            raise ValueError(f"weight versions must increase: got v{version} after v{self.sent_version}")
-        if meta is None:
-            if not isinstance(named_tensors, Mapping):
-                raise ValueError("pass meta when named_tensors is not a dict")
-            meta = weight_meta(named_tensors)
-        self.last_buckets = send_weights(self._wb_group, named_tensors, meta, bucket_bytes)
-        self.sent_version = version
-        return version
-
-
-class WeightReceiver:
-    """Mixin/helper for a rollout worker: owns a receiver end of the broadcast group."""
-
-    def __init__(self):
-        self._wb_group: BroadcastGroup | None = None
-        self.weights_version = -1
-        self.last_buckets = 0
-
-    def join(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
-             timeout_s: float = 120) -> int:
-        if rank < 1:
-            raise ValueError("receivers are ranks 1..world_size-1")
-        self._wb_group = open_group(host, port, rank, world_size, backend, timeout_s)
-        return rank
-
-    def receive(self, version: int, meta: WeightMeta, bucket_bytes: int,
-                apply_fn: Callable[[dict[str, torch.Tensor]], None]) -> int:
-        """Receive one version bucket by bucket into apply_fn; the version is recorded only after
-        the last bucket was applied (a failure part-way leaves weights_version unchanged)."""
-        if self._wb_group is None:
-            raise RuntimeError("join the broadcast group first")
-        if version <= self.weights_version:
-            raise ValueError(f"weight versions must increase: got v{version} after v{self.weights_version}")
-        self.last_buckets = recv_weights(self._wb_group, meta, bucket_bytes, apply_fn)
-        self.weights_version = version
-        return version
-
-
-def copy_into(params: Mapping[str, torch.Tensor]) -> Callable[[dict[str, torch.Tensor]], None]:
-    """An apply_fn that copies each received tensor in place into params[name] (no_grad)."""
-
-    def apply(bucket: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, tensor in bucket.items():
-                params[name].copy_(tensor)
-
-    return apply

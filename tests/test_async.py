@@ -13,7 +13,7 @@ from actors.rollout_worker import RolloutWorker
 from learners.losses import policy_loss
 from rlhf_cluster.config import load_config
 from rlhf_cluster.driver import run
-from rlhf_cluster.weight_sync import WeightSync
+from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
 
 
 def run_mode(tmp_path, tiny_model_dir, synthetic_dir, *overrides):
@@ -61,7 +61,7 @@ def test_keep_mode_trains_stale_episodes_with_correction(tmp_path, ray_session, 
 def test_late_worker_serves_current_version_before_first_episode(ray_session, tiny_model_dir, synthetic_dir):
     from rlhf_cluster.data.tasks import load_tasks
 
-    actor = ray.remote(RolloutWorker).options(num_cpus=0.25)
+    actor = rollout_actor_class(RolloutWorker).options(num_cpus=0.25)
     first = actor.remote(0, tiny_model_dir)
     sync = WeightSync([first])
     weights = {k: torch.randn_like(v) for k, v in ray.get(first.named_tensors.remote()).items()}

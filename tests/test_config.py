@@ -24,6 +24,8 @@ def test_quickstart_config_loads_with_overrides():
     ("reward.verifiers=[correct,vibes]", ["vibes", "exact_match"]),
     ("run.stages=[rl,dance]", ["dance", "rl"]),
     ("rl.steps=0", ["rl.steps=0", "> 0"]),
+    ("sync.transport=carrier_pigeon", ["sync.transport='carrier_pigeon'", "'shm'", "'object_store'"]),
+    ("sync.bucket_mb=0", ["sync.bucket_mb=0", "> 0"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override, fragments):
     with pytest.raises(ConfigError) as err:
