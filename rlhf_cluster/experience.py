@@ -34,6 +34,7 @@ class Episode:
     reward_error: str | None = None
     staleness: int | None = None  # learner version at train time minus policy_version
     dropped: str | None = None  # why it was not trained on ("reward_failed", "stale"), if so
+    turn_rewards: list[dict[str, float]] = field(default_factory=list)  # per assistant turn (router)
 
     @property
     def num_response_tokens(self) -> int:
@@ -51,6 +52,7 @@ class Episode:
             "response_text": self.response_text,
             "finish_reason": self.finish_reason, "token_ids": self.token_ids,
             "loss_mask": self.loss_mask, "logprobs": self.logprobs,
+            "turn_rewards": [{k: float(v) for k, v in t.items()} for t in self.turn_rewards],
         }
 
 
