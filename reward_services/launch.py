@@ -58,7 +58,8 @@ def start_reward_services(cfg: Any, pad_token_id: int) -> tuple[dict[str, Any], 
             for h in handles.values():
                 ray.kill(h)
             raise RuntimeError(f"reward service {name!r} (actor reward-{name}) failed to start: {exc}") from None
-    router = RewardRouter(handles, dict(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
+    weights = {name: w for name, w in cfg.reward.weights.items() if w != 0}  # 0: switched off
+    router = RewardRouter(handles, weights, timeout_s=cfg.reward.timeout_s,
                           retries=cfg.reward.retries, on_failure=cfg.reward.on_failure,
                           turn_discount=cfg.reward.turn_discount, normalize=dict(cfg.reward.normalize),
                           service_timeouts=timeouts, service_retries=retries)

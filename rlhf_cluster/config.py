@@ -346,13 +346,13 @@ def validate_rewards(cfg: Any) -> None:
     for name, weight in r.weights.items():
         if not isinstance(weight, (int, float)):
             raise ConfigError(f"reward.weights.{name}={weight!r} must be a number")
-        if name not in components:
+        if name not in components and weight != 0:  # weight 0 switches a component off
             raise ConfigError(f"reward.weights.{name}: no reward service produces {name!r}; "
                               f"components available: {sorted(components)}")
     for name, how in r.normalize.items():
         if how not in NORMALIZE:
             raise ConfigError(f"reward.normalize.{name}={how!r}; expected one of {list(NORMALIZE)}")
-        if name not in components:
+        if name not in components and how != "none":
             raise ConfigError(f"reward.normalize.{name}: no reward service produces {name!r}; "
                               f"components available: {sorted(components)}")
     cur = cfg.rl.curation
