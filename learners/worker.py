@@ -226,21 +226,21 @@ class LearnerWorker:
         return result
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Current-policy token logprobs [B, T] (CPU, float32); collective under ZeRO-3."""
+    def _eval_rows(self, forward, batch: TrainBatch) -> torch.Tensor:
+        """`forward` over every micro-batch, real rows' results concatenated (CPU)."""
         self.engine.eval()
         micro = self._micro_batches(batch)
         # Padding micro-batches run too: ZeRO-3 parameter gathers are collective.
-        parts = [self._forward_logprobs(self.engine, mb).cpu() for mb, _ in micro]
+        parts = [forward(self.engine, mb).cpu() for mb, _ in micro]
         return torch.cat([p for p, (_, real) in zip(parts, micro) if real])
 
-    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Current-policy token logprobs [B, T] (CPU, float32); collective under ZeRO-3."""
+        return self._eval_rows(self._forward_logprobs, batch)
+
     def scores(self, batch: TrainBatch) -> torch.Tensor:
         """Reward model: each row's score [B] (CPU, float32); collective under ZeRO-3."""
-        self.engine.eval()
-        micro = self._micro_batches(batch)
-        parts = [self._forward_scores(self.engine, mb).cpu() for mb, _ in micro]
-        return torch.cat([p for p, (_, real) in zip(parts, micro) if real])
+        return self._eval_rows(self._forward_scores, batch)
 
     def named_tensors(self) -> dict[str, torch.Tensor] | None:
         """Full CPU copies of the policy weights under HF names on rank 0 (None elsewhere).

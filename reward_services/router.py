@@ -127,6 +127,7 @@ class RewardRouter:
         and per-service failure messages."""
         outputs: dict[str, list[dict]] = {}
         failures: dict[str, str] = {}
+        payload = ray.put(items)  # once, not once per service and attempt (items carry audio)
         attempt = 0
         while True:
             attempt += 1
@@ -134,7 +135,7 @@ class RewardRouter:
             if not todo:
                 break
             start = time.monotonic()
-            refs = {self.services[name].score.remote(items): name for name in todo}
+            refs = {self.services[name].score.remote(payload): name for name in todo}
             pending = list(refs)
             while pending:
                 now = time.monotonic()

@@ -355,6 +355,9 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
                     c = summary[key]
                     print(f"mean {key}: first {c['window']} steps {c['first']:.3f} -> "
                           f"last {c['window']} steps {c['last']:.3f}", flush=True)
+        if "rm" in summary:
+            print(f"reward model: held-out pairwise accuracy {summary['rm']['heldout_accuracy']:.3f} "
+                  f"({summary['rm']['path']})", flush=True)
         print(f"done in {summary['wall_time_s']:.0f}s; checkpoint: {run_dir / 'checkpoint'}", flush=True)
         return summary
     finally:
