@@ -37,7 +37,8 @@ def base_overrides(out: Path, steps: int, latency: float) -> list[str]:
     return [f"run.output_dir={out}", "run.stages=[rl]", f"rl.steps={steps}", "run.log_every=1000",
             "run.save_rollouts=false", f"rollout.simulated_token_latency_s={latency}",
             "learner.num_cpus_per_rank=0.5", "rollout.num_cpus_per_worker=0.5",
-            "cluster.num_cpus=4"]
+            "cluster.num_cpus=4", "reward.services.preference.enabled=false",  # no rm stage here
+            "reward.weights.preference=0", "reward.normalize.preference=none"]
 
 
 def mode_throughput(tmp: Path, mode: str, steps: int, latency: float) -> float:

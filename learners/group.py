@@ -86,7 +86,8 @@ class LearnerGroup:
 
     def train_step(self, shards: list[TrainBatch], objective: str = "policy") -> dict[str, float]:
         """One shard per rank; returns metrics averaged over ranks weighted by loss tokens.
-        `objective` is "policy" (RL) or "sft" (warm start on target replies)."""
+        `objective` is "policy" (RL), "sft" (warm start on target replies) or "bt" (reward
+        model on chosen/rejected rows; the group must be built with `model_kind: reward`)."""
         self._check_shards(shards)
         tokens = [float(s.num_tokens) for s in shards]
         rows = sum(s.num_rows for s in shards)
@@ -103,6 +104,10 @@ class LearnerGroup:
         """Start `method` on every rank without waiting (weight sync runs beside the driver);
         calls queued after it on the ranks run once it is done."""
         return [getattr(w, method).remote(*args) for w in self.workers]
+    def scores(self, shards: list[TrainBatch]) -> list[torch.Tensor]:
+        """Reward model groups: each row's score at its last loss-mask position."""
+        self._check_shards(shards)
+        return self._call("scores", per_rank=shards)
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return self._call("named_tensors")[0]

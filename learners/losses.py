@@ -114,3 +114,19 @@ def sft_loss(logprobs: Tensor, loss_mask: Tensor,
     with torch.no_grad():
         nll = float(nll_sum / mask.sum().clamp(min=1))
     return nll_sum / denom, {"nll": nll}
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor,
+                       num_pairs_global: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected), summed over this rank's pairs and
+    divided by `num_pairs_global` (or the local pair count), so ranks add up to the global mean."""
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} scores differ in shape")
+    margin = chosen.float() - rejected.float()
+    loss_sum = -torch.nn.functional.logsigmoid(margin).sum()
+    denom = num_pairs_global if num_pairs_global is not None else max(margin.numel(), 1)
+    with torch.no_grad():
+        n = max(margin.numel(), 1)
+        metrics = {"bt_loss": float(loss_sum / n), "pair_accuracy": float((margin > 0).float().sum() / n),
+                   "margin": float(margin.sum() / n)}
+    return loss_sum / denom, metrics

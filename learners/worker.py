@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from learners.losses import policy_loss, sft_loss, token_logprobs
+from learners.losses import bradley_terry_loss, policy_loss, sft_loss, token_logprobs
+from learners.reward_model import RewardModel, end_positions
 from rlhf_cluster.batch import TrainBatch
 from rlhf_cluster.models import DTYPES, load_model
 from rlhf_cluster.weight_transport import SenderEnd, gathered_items, param_meta
@@ -46,6 +47,8 @@ class LearnerWorker:
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.model_path, self.dtype = str(model_path), DTYPES[dtype]
         model = load_model(model_path, dtype)
+        if cfg.get("model_kind", "policy") == "reward":  # the `rm` stage: backbone + scalar head
+            model = RewardModel(model).to(self.dtype)
         self.audio_token_id = getattr(model.config, "audio_token_id", None)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -143,6 +146,14 @@ class LearnerWorker:
         # Prompt positions may hold masked ids (audio placeholders): 0, never -inf, off the loss.
         return token_logprobs(logits, ids).masked_fill(mb.loss_mask.to(self.device) == 0, 0.0)
 
+    def _forward_scores(self, model, mb: TrainBatch) -> torch.Tensor:
+        """Reward model: one score per row, at the row's last loss-mask position (its end token)."""
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in mb.model_inputs.items()}
+        values = model(input_ids=mb.input_ids.to(self.device),
+                       attention_mask=mb.attention_mask.to(self.device), **inputs)
+        return values.gather(1, end_positions(mb.loss_mask.to(self.device))[:, None]).squeeze(1)
+
     # ---- public API --------------------------------------------------------------------
 
     def train_step(self, batch: TrainBatch, num_tokens_global: float,
@@ -150,7 +161,9 @@ class LearnerWorker:
         """`ppo_epochs` optimizer steps over this rank's shard; losses are normalised globally.
 
         objective "policy": the clipped policy loss; "sft": NLL of the masked tokens (one
-        epoch; advantages and behaviour logprobs are ignored).
+        epoch; advantages and behaviour logprobs are ignored); "bt": Bradley-Terry loss of a
+        reward model, rows alternating chosen/rejected (pairs never straddle a micro-batch:
+        the `rm` stage uses an even micro_batch_size), each scored at its last loss-mask 1.
 
         DeepSpeed averages gradients over ranks, so each rank's loss (already divided by the
         global count) is multiplied by world_size: the applied gradient is then exactly the
@@ -171,6 +184,15 @@ class LearnerWorker:
                 proximal = [self._forward_logprobs(self.engine, mb).cpu() for mb, _ in micro]
         for _ in range(cfg["ppo_epochs"] if objective == "policy" else 1):
             for i, (mb, real) in enumerate(micro):
+                if objective == "bt":
+                    scores = self._forward_scores(self.engine, mb)
+                    loss, metrics = bradley_terry_loss(scores[0::2], scores[1::2], max(num_rows_global / 2, 1.0))
+                    self.engine.backward(loss * (self.world_size if real else 0.0), scale_wrt_gas=False)
+                    w = mb.num_rows / 2 if real else 0.0
+                    weight_sum += w
+                    for k, v in metrics.items():
+                        totals[k] = totals.get(k, 0.0) + w * v
+                    continue
                 lp = self._forward_logprobs(self.engine, mb)
                 if objective == "sft":
                     loss, metrics = sft_loss(lp, dev(mb.loss_mask), max(num_tokens_global, 1.0))
@@ -206,13 +228,21 @@ class LearnerWorker:
         return result
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Current-policy token logprobs [B, T] (CPU, float32); collective under ZeRO-3."""
+    def _eval_rows(self, forward, batch: TrainBatch) -> torch.Tensor:
+        """`forward` over every micro-batch, real rows' results concatenated (CPU)."""
         self.engine.eval()
         micro = self._micro_batches(batch)
         # Padding micro-batches run too: ZeRO-3 parameter gathers are collective.
-        parts = [self._forward_logprobs(self.engine, mb).cpu() for mb, _ in micro]
+        parts = [forward(self.engine, mb).cpu() for mb, _ in micro]
         return torch.cat([p for p, (_, real) in zip(parts, micro) if real])
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Current-policy token logprobs [B, T] (CPU, float32); collective under ZeRO-3."""
+        return self._eval_rows(self._forward_logprobs, batch)
+
+    def scores(self, batch: TrainBatch) -> torch.Tensor:
+        """Reward model: each row's score [B] (CPU, float32); collective under ZeRO-3."""
+        return self._eval_rows(self._forward_scores, batch)
 
     def named_tensors(self) -> dict[str, torch.Tensor] | None:
         """Full CPU copies of the policy weights under HF names on rank 0 (None elsewhere).

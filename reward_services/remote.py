@@ -51,8 +51,9 @@ class RemoteRewardService:
         self.url, self.timeout_s, self.component = url, timeout_s, component
         self._token = token
 
-    def __repr__(self) -> str:  # never show the token
-        return f"RemoteRewardService(url={self.url!r}, component={self.component!r})"
+    def __repr__(self) -> str:  # never show the token; safe before __init__ finished (Ray calls it
+        # when reporting a constructor error)
+        return f"RemoteRewardService(url={getattr(self, 'url', None)!r}, component={getattr(self, 'component', None)!r})"
 
     def score(self, items: list[dict]) -> list[dict[str, float]]:
         if not items:

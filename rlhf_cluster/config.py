@@ -69,6 +69,55 @@ class RolloutConfig:
 
 
 @dataclass
+class PreferenceServiceConfig:
+    """The trained Bradley-Terry reward model, served as the `reward-preference` actor."""
+    enabled: bool = False
+    path: str | None = None  # reward model dir; None: rm.output_dir (written by the rm stage)
+    component: str = "preference"
+    batch_size: int = 16  # episodes per forward pass
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0  # fractional on GPU clusters, e.g. 0.25
+    timeout_s: float | None = None  # router bound per call; None: reward.timeout_s
+    retries: int | None = None  # None: reward.retries
+
+
+@dataclass
+class JudgeServiceConfig:
+    """A generative rubric judge on an engine (HF here), the `reward-judge` actor."""
+    enabled: bool = False
+    model_path: str | None = None  # None: model.path
+    engine: str = "hf"
+    rubric: list[str] = field(default_factory=list)  # dataset-level items; task["rubric"] wins
+    component: str = "rubric"
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    timeout_s: float | None = None  # router bound per call; None: reward.timeout_s
+    retries: int | None = None  # None: reward.retries
+
+
+@dataclass
+class RemoteServiceConfig:
+    """The user's own HTTP reward server (protocol: reward_services/http_server.py)."""
+    enabled: bool = False
+    url: str | None = None
+    token_env: str = "RLHF_REWARD_TOKEN"  # the token is read from this variable, never from config
+    timeout_s: float = 30.0
+    component: str | None = None  # name for servers that answer plain numbers
+    components: list[str] = field(default_factory=list)  # what it returns (for weight checks)
+    num_cpus: float = 0.1
+    retries: int | None = None  # None: reward.retries
+
+
+@dataclass
+class RewardServicesConfig:
+    preference: PreferenceServiceConfig = field(default_factory=PreferenceServiceConfig)
+    judge: JudgeServiceConfig = field(default_factory=JudgeServiceConfig)
+    remote: RemoteServiceConfig = field(default_factory=RemoteServiceConfig)
+
+
+@dataclass
 class RewardConfig:
     # verifiers the verifier service runs; every one is recorded, weighted or not
     verifiers: list[str] = field(
@@ -80,6 +129,11 @@ class RewardConfig:
     retries: int = 1
     on_failure: str = "drop"  # drop | fail
     num_cpus: float = 0.25
+    # multi-turn: episode value of a per-turn component = sum_t d^t v_t / sum_t d^t
+    turn_discount: float = 1.0
+    # component -> none | batch_zscore | running_zscore, applied before weighting (raw kept)
+    normalize: dict[str, str] = field(default_factory=dict)
+    services: RewardServicesConfig = field(default_factory=lambda: RewardServicesConfig())
 
 
 @dataclass
@@ -113,6 +167,34 @@ class SFTConfig:
 
 
 @dataclass
+class RMConfig:
+    """The `rm` stage: a Bradley-Terry reward model on data.pairs_path, its own learner ranks."""
+    init_path: str | None = None  # backbone to start from; None: model.path
+    output_dir: str | None = None  # None: <run.output_dir>/reward_model
+    steps: int = 80
+    batch_size: int = 32  # pairs per step
+    lr: float = 5.0e-4
+    micro_batch_size: int = 32  # rows (chosen + rejected); even, so pairs stay together
+    eval_fraction: float = 0.1  # prompts held out for pairwise accuracy
+    eval_every: int = 20
+    num_ranks: int = 2
+    num_cpus_per_rank: float = 0.5
+    num_gpus_per_rank: float = 0.0
+    zero_stage: int = 2
+    min_heldout_accuracy: float = 0.0  # fail the run below this (0: report only)
+
+
+@dataclass
+class CurationConfig:
+    """Pass-rate filter (Step-Audio-R1 kept prompts solved 3-6 of 8 times)."""
+    enabled: bool = False
+    component: str = "correct"
+    low: float = 0.375
+    high: float = 0.75
+    threshold: float = 0.5  # a sample passes when component >= threshold
+
+
+@dataclass
 class RLConfig:
     algorithm: str = "grpo"
     steps: int = 60
@@ -122,6 +204,7 @@ class RLConfig:
     max_staleness: int = 1  # async: episodes older than learner version - K are dropped...
     on_stale: str = "drop"  # ...or kept ("keep") and trained with the off-policy loss
     max_buffered_batches: int = 2  # async: rollout batches waiting to be trained, at most
+    curation: CurationConfig = field(default_factory=CurationConfig)
 
 
 @dataclass
@@ -168,6 +251,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -189,16 +273,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dialogue.synthesizer": ("procedural",),
     "sync.transport": ("auto", "shm", "broadcast", "object_store"),
     "sync.backend": ("auto", "gloo", "nccl"),
+    "rm.zero_stage": (0, 1, 2, 3),
+    "reward.services.judge.engine": ("hf",),
 }
-STAGES = ("sft", "rl")
+NORMALIZE = ("none", "batch_zscore", "running_zscore")
+STAGES = ("rm", "sft", "rl")  # run in this order (rm and sft are independent; rl needs both)
 POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_per_prompt",
             "rollout.max_new_tokens", "learner.num_ranks", "learner.micro_batch_size",
             "learner.ppo_epochs", "rl.steps", "sft.steps", "sft.batch_size", "rl.max_buffered_batches", "learner.tis_cap", "reward.timeout_s", "data.synthetic_num_tasks",
             "dialogue.max_turns", "dialogue.max_total_tokens",
-            "sync.bucket_mb", "sync.timeout_s")
+            "sync.bucket_mb", "sync.timeout_s",
+            "rm.steps", "rm.batch_size", "rm.lr", "rm.eval_every", "rm.num_ranks", "rm.num_cpus_per_rank",
+            "reward.services.judge.max_new_tokens")
 NON_NEGATIVE = ("learner.lr", "sft.lr", "rl.max_staleness", "learner.kl_coef", "learner.clip_eps_low",
                 "learner.clip_eps_high", "learner.grad_clip", "rollout.temperature",
-                "reward.retries", "rollout.num_gpus_per_worker", "rollout.simulated_token_latency_s", "learner.num_gpus_per_rank")
+                "reward.retries", "rollout.num_gpus_per_worker", "rollout.simulated_token_latency_s", "learner.num_gpus_per_rank",
+                "rm.num_gpus_per_rank")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -228,12 +318,7 @@ def validate(cfg: Any) -> None:
     for name in cfg.reward.verifiers:
         if name not in VERIFIERS:
             raise ConfigError(f"reward.verifiers contains {name!r}; expected names from {sorted(VERIFIERS)}")
-    for name, weight in cfg.reward.weights.items():
-        if not isinstance(weight, (int, float)):
-            raise ConfigError(f"reward.weights.{name}={weight!r} must be a number")
-        if name not in cfg.reward.verifiers:
-            raise ConfigError(f"reward.weights.{name}: no reward service produces {name!r}; "
-                              f"components available: {list(cfg.reward.verifiers)}")
+    validate_rewards(cfg)
     if "sft" in cfg.run.stages and not cfg.data.pairs_path:
         raise ConfigError("run.stages includes 'sft' but data.pairs_path is not set; expected a "
                           "Parquet of prompts with chosen replies (the built-in generator writes pairs.parquet)")
@@ -246,6 +331,91 @@ def validate(cfg: Any) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"required config keys are not set: {sorted(missing)}")
+
+
+def reward_components(cfg: Any) -> dict[str, str]:
+    """Component name -> the service that produces it, for every service the config runs."""
+    services = cfg.reward.services
+    out = {name: "verifier" for name in cfg.reward.verifiers}
+    if services.preference.enabled:
+        out[services.preference.component] = "preference"
+    if services.judge.enabled:
+        out[services.judge.component] = "judge"
+        for i in range(len(services.judge.rubric)):
+            out[f"{services.judge.component}.{i}"] = "judge"
+    if services.remote.enabled:
+        for name in list(services.remote.components) + ([services.remote.component] if services.remote.component else []):
+            out[name] = "remote"
+    return out
+
+
+def validate_rewards(cfg: Any) -> None:
+    """Services, weights, normalisation, curation and the rm stage agree with each other."""
+    r, services = cfg.reward, cfg.reward.services
+    if not 0 < r.turn_discount <= 1:
+        raise ConfigError(f"reward.turn_discount={r.turn_discount!r} must be in (0, 1]")
+    if services.preference.enabled and not services.preference.path and "rm" not in cfg.run.stages:
+        raise ConfigError("reward.services.preference.enabled needs a reward model: set "
+                          "reward.services.preference.path or add 'rm' to run.stages")
+    if services.remote.enabled:
+        if not services.remote.url:
+            raise ConfigError("reward.services.remote.enabled needs reward.services.remote.url "
+                              "(http(s)://host:port/path)")
+        if not services.remote.components and not services.remote.component:
+            raise ConfigError("reward.services.remote: list the components the server returns in "
+                              "reward.services.remote.components (or set .component)")
+        if not services.remote.timeout_s > 0:
+            raise ConfigError(f"reward.services.remote.timeout_s={services.remote.timeout_s!r} must be > 0")
+    for key in ("preference", "judge"):
+        if getattr(services, key).batch_size < 1:
+            raise ConfigError(f"reward.services.{key}.batch_size must be >= 1")
+    for key in ("preference", "judge", "remote"):
+        section = getattr(services, key)
+        if section.timeout_s is not None and not section.timeout_s > 0:
+            raise ConfigError(f"reward.services.{key}.timeout_s={section.timeout_s!r} must be > 0")
+        if section.retries is not None and section.retries < 0:
+            raise ConfigError(f"reward.services.{key}.retries={section.retries!r} must be >= 0")
+        for res in ("num_cpus", "num_gpus"):
+            if getattr(getattr(services, key), res, 0) < 0:
+                raise ConfigError(f"reward.services.{key}.{res} must be >= 0")
+    components = reward_components(cfg)
+    if not components:
+        raise ConfigError("no reward service produces anything: set reward.verifiers or enable a "
+                          "service under reward.services")
+    for name, weight in r.weights.items():
+        if not isinstance(weight, (int, float)):
+            raise ConfigError(f"reward.weights.{name}={weight!r} must be a number")
+        if name not in components and weight != 0:  # weight 0 switches a component off
+            raise ConfigError(f"reward.weights.{name}: no reward service produces {name!r}; "
+                              f"components available: {sorted(components)}")
+    for name, how in r.normalize.items():
+        if how not in NORMALIZE:
+            raise ConfigError(f"reward.normalize.{name}={how!r}; expected one of {list(NORMALIZE)}")
+        if name not in components and how != "none":
+            raise ConfigError(f"reward.normalize.{name}: no reward service produces {name!r}; "
+                              f"components available: {sorted(components)}")
+    cur = cfg.rl.curation
+    if cur.enabled:
+        if not 0 <= cur.low <= cur.high <= 1:
+            raise ConfigError(f"rl.curation: need 0 <= low <= high <= 1, got low={cur.low}, high={cur.high}")
+        if cur.component not in components:
+            raise ConfigError(f"rl.curation.component={cur.component!r}: no reward service produces it; "
+                              f"components available: {sorted(components)}")
+    stages = list(cfg.run.stages)
+    if stages != sorted(stages, key=STAGES.index):
+        raise ConfigError(f"run.stages={stages}: stages run in the order {list(STAGES)}")
+    if "rm" in stages:
+        rm = cfg.rm
+        if not cfg.data.pairs_path:
+            raise ConfigError("run.stages includes 'rm' but data.pairs_path is not set; expected a "
+                              "Parquet of prompts with chosen/rejected replies")
+        if rm.micro_batch_size < 2 or rm.micro_batch_size % 2:
+            raise ConfigError(f"rm.micro_batch_size={rm.micro_batch_size} must be even and >= 2 "
+                              "(a chosen/rejected pair never straddles micro-batches)")
+        if not 0 < rm.eval_fraction < 1:
+            raise ConfigError(f"rm.eval_fraction={rm.eval_fraction!r} must be in (0, 1)")
+        if not 0 <= rm.min_heldout_accuracy <= 1:
+            raise ConfigError(f"rm.min_heldout_accuracy={rm.min_heldout_accuracy!r} must be in [0, 1]")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Any:

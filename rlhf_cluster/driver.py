@@ -71,8 +71,7 @@ class Actors:
 def start_actors(cfg: Any) -> Actors:
     from actors.rollout_worker import RolloutWorker
     from learners.group import LearnerGroup
-    from reward_services.router import RewardRouter
-    from reward_services.verifier_service import VerifierService
+    from reward_services.launch import start_reward_services
 
     from transformers import AutoTokenizer
 
@@ -83,12 +82,7 @@ def start_actors(cfg: Any) -> Actors:
                    "temperature": cfg.rollout.temperature,
                    "suppress_token_ids": adapter.suppress_token_ids}
     learner = LearnerGroup(cfg.model.path, learner_cfg, dtype=cfg.model.dtype, seed=cfg.run.seed)
-    verifier = ray.remote(VerifierService).options(
-        name="reward-verifier", num_cpus=cfg.reward.num_cpus).remote(list(cfg.reward.verifiers))
-    ray.get(verifier.__ray_ready__.remote())  # start-up must not count against reward.timeout_s
-    services = {"verifier": verifier}
-    router = RewardRouter(services, dict(cfg.reward.weights), timeout_s=cfg.reward.timeout_s,
-                          retries=cfg.reward.retries, on_failure=cfg.reward.on_failure)
+    services, router = start_reward_services(cfg, adapter.pad_id)
     worker_cls = rollout_actor_class(RolloutWorker)  # weight sync runs beside generation
     workers = [
         worker_cls.options(name=f"rollout-{i}", num_cpus=cfg.rollout.num_cpus_per_worker,
@@ -151,10 +145,12 @@ def score(actors: Actors, episodes: list[Episode]) -> list[Episode]:
     items = [{"episode_id": e.episode_id, "response": e.response_text, "task": e.task,
               "turn_texts": e.turn_texts, "dialogue": e.dialogue,
               "env_turn_rewards": e.env_turn_rewards, "token_ids": e.token_ids,
-              "turn_spans": e.turn_spans, "audio": e.audio} for e in episodes]
+              "loss_mask": e.loss_mask, "turn_spans": e.turn_spans, "audio": e.audio}
+             for e in episodes]
     kept = []
     for ep, scored in zip(episodes, actors.router.score(items)):
         ep.rewards, ep.reward, ep.reward_error = scored.components, scored.reward, scored.error
+        ep.turn_rewards = scored.turns
         if scored.reward is not None:
             kept.append(ep)
     return kept
@@ -250,12 +246,15 @@ def _rl_step(cfg: Any, actors: Actors, pipeline: RolloutPipeline, writer: Thread
     t0 = time.perf_counter()
     _, episodes, scored, score_s = pipeline.next()
     t_gen = time.perf_counter()
+    curation = curate(cfg.rl.curation, scored)
     version = actors.sync.version
     trainable = []
     for ep in episodes:
         ep.staleness = version - ep.policy_version
         if ep.reward is None:
             ep.dropped = "reward_failed"
+        elif ep.dropped == "curated":
+            pass
         elif ep.staleness > bound and cfg.rl.on_stale == "drop":
             ep.dropped = "stale"
         else:
@@ -280,12 +279,14 @@ def _rl_step(cfg: Any, actors: Actors, pipeline: RolloutPipeline, writer: Thread
     reward_mean = statistics.fmean(e.reward for e in scored) if scored else math.nan
     stale = [e.staleness for e in trainable]
     row = {"stage": "rl", "step": step, "mode": mode, "reward_mean": reward_mean,
-           **{f"reward.{k}": statistics.fmean(e.rewards[k] for e in scored)
-              for k in (scored[0].rewards if scored else {})},
+           **{f"reward.{k}": statistics.fmean(e.rewards[k] for e in scored if k in e.rewards)
+              for k in dict.fromkeys(k for e in scored for k in e.rewards)},
+           **reward_counters(actors.router), **curation,
            "samples": len(episodes), "trained_samples": len(trainable),
            "dropped_episodes": len(episodes) - len(trainable),
            "dropped_stale": sum(e.dropped == "stale" for e in episodes),
            "dropped_reward_failed": sum(e.dropped == "reward_failed" for e in episodes),
+           "dropped_curated": sum(e.dropped == "curated" for e in episodes),
            "samples_per_s": len(episodes) / (t_end - t0), "tokens_per_s": n_tokens / (t_end - t0),
            "response_len_mean": n_tokens / len(episodes),
            "step_time_s": t_end - t0, "gen_wait_s": t_gen - t0, "score_time_s": score_s,
@@ -297,6 +298,28 @@ def _rl_step(cfg: Any, actors: Actors, pipeline: RolloutPipeline, writer: Thread
     if step % cfg.run.log_every == 0 or step == cfg.rl.steps:
         print(progress.line(step, row), flush=True)
     return reward_mean
+def curate(cur: Any, scored: list[Episode]) -> dict[str, int]:
+    """Pass-rate curation (`rl.curation`): whole groups outside [low, high] are marked
+    dropped="curated" (recorded, not trained); returns the counts for the metrics row."""
+    if not cur.enabled:
+        return {}
+    from rlhf_cluster.curation import filter_by_pass_rate
+
+    kept, counts = filter_by_pass_rate(scored, cur.component, low=cur.low, high=cur.high,
+                                       threshold=cur.threshold)
+    kept_ids = {e.episode_id for e in kept}
+    for ep in scored:
+        if ep.episode_id not in kept_ids:
+            ep.dropped = "curated"
+    return {f"curation.{k}": v for k, v in counts.items()}
+
+
+def reward_counters(router: Any) -> dict[str, int]:
+    """Cumulative reward-service failure counts, overall and per service."""
+    out = {f"reward_{k}": v for k, v in router.counters.items()}
+    for name, counts in router.service_counters.items():
+        out.update({f"reward_{k}.{name}": v for k, v in counts.items()})
+    return out
 
 
 def summarize(rewards: list[float], window: int = 10) -> dict[str, float]:
@@ -317,16 +340,25 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
     info = connect(cfg.cluster, address=address, token_path=token_path)
     print(f"ray: {info['address']} dashboard: {info['dashboard']}  run dir: {run_dir}", flush=True)
     started = time.perf_counter()
+    sink = MetricsSink(run_dir)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped_rows": len(task_set.skipped)}
+    if "rm" in cfg.run.stages:  # on its own learner ranks, released before the policy's start
+        from rlhf_cluster.rm_stage import rm_stage
+
+        summary["rm"] = rm_stage(cfg, sink)
     actors = start_actors(cfg)
     try:
         actors.sync.publish(0)
-        sink = MetricsSink(run_dir)
-        summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped_rows": len(task_set.skipped)}
         if "sft" in cfg.run.stages:
             sft_stage(cfg, actors, run_dir, sink)
         if "rl" in cfg.run.stages:
             rewards = rl_stage(cfg, actors, task_set.tasks, run_dir, sink)
             summary["reward"] = summarize(rewards)
+            for key in ("correct", "preference"):
+                curve = [r[f"reward.{key}"] for r in sink.rows
+                         if r.get("stage") == "rl" and r.get(f"reward.{key}") is not None]
+                if curve:
+                    summary[key] = summarize(curve)
             plot_rewards(sink.rows, run_dir / "reward_curve.png")
         actors.learner.save(run_dir / "checkpoint")
         summary["wall_time_s"] = time.perf_counter() - started
@@ -334,8 +366,18 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
             r = summary["reward"]
             print(f"mean reward: first {r['window']} steps {r['first']:.3f} -> "
                   f"last {r['window']} steps {r['last']:.3f}", flush=True)
+            for key in ("correct", "preference"):
+                if key in summary:
+                    c = summary[key]
+                    print(f"mean {key}: first {c['window']} steps {c['first']:.3f} -> "
+                          f"last {c['window']} steps {c['last']:.3f}", flush=True)
+        if "rm" in summary:
+            print(f"reward model: held-out pairwise accuracy {summary['rm']['heldout_accuracy']:.3f} "
+                  f"({summary['rm']['path']})", flush=True)
         print(f"done in {summary['wall_time_s']:.0f}s; checkpoint: {run_dir / 'checkpoint'}", flush=True)
         return summary
     finally:
         actors.sync.close()
         actors.learner.shutdown()
+        for handle in actors.services.values():
+            ray.kill(handle)

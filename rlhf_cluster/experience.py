@@ -85,7 +85,8 @@ class Episode:
             "loss_mask": self.loss_mask, "logprobs": self.logprobs,
             "turn_spans": [list(s) for s in self.turn_spans], "turn_versions": self.turn_versions,
             "turn_texts": self.turn_texts, "env_turn_rewards": self.env_turn_rewards,
-            "turn_rewards": self.turn_rewards, "context_drops": [list(s) for s in self.context_drops],
+            "turn_rewards": [{k: float(v) for k, v in t.items()} for t in self.turn_rewards],
+            "context_drops": [list(s) for s in self.context_drops],
             "dialogue": self.dialogue,
         }
 

@@ -16,12 +16,17 @@ from rlhf_cluster.driver import run
 from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
 
 
+# the quickstart's preference reward model needs its rm stage: switched off for these runs
+NO_RM = ["reward.services.preference.enabled=false", "reward.weights.preference=0",
+         "reward.normalize.preference=none"]
+
+
 def run_mode(tmp_path, tiny_model_dir, synthetic_dir, *overrides):
     cfg = load_config("configs/quickstart.yaml", [
         f"run.output_dir={tmp_path}", f"model.path={tiny_model_dir}",
         f"data.train_path={synthetic_dir / 'tasks.parquet'}", "run.stages=[rl]", "rl.steps=6",
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8",
-        "learner.num_cpus_per_rank=0.5", "rollout.num_cpus_per_worker=0.5", *overrides])
+        "learner.num_cpus_per_rank=0.5", "rollout.num_cpus_per_worker=0.5", *NO_RM, *overrides])
     run(cfg)
     ledger = [row for f in sorted((tmp_path / "rollouts").glob("*.parquet"))
               for row in pq.read_table(f).to_pylist()]

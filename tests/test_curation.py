@@ -60,3 +60,18 @@ def test_empty_and_invalid_bounds():
         filter_by_pass_rate([], low=0.8, high=0.2)
     with pytest.raises(ValueError):
         filter_by_pass_rate([], low=-0.1, high=0.5)
+
+
+def test_rl_loop_curation_marks_whole_groups_and_reports_counts():
+    """driver.curate: what the RL loop calls on each scored batch (rl.curation)."""
+    from types import SimpleNamespace
+
+    from rlhf_cluster.driver import curate
+
+    episodes = group("p1", 1) + group("p4", 4) + group("p8", 8)
+    cur = SimpleNamespace(enabled=True, component="correct", low=3 / 8, high=6 / 8, threshold=0.5)
+    counts = curate(cur, episodes)
+    assert counts == {"curation.groups_total": 3, "curation.groups_kept": 1, "curation.groups_too_easy": 1,
+                      "curation.groups_too_hard": 1, "curation.groups_unscored": 0}
+    assert [e.dropped for e in episodes] == ["curated"] * 8 + [None] * 8 + ["curated"] * 8
+    assert curate(SimpleNamespace(enabled=False), episodes) == {}

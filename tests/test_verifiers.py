@@ -210,3 +210,17 @@ def test_service_rejects_unknown_names():
         VerifierService(["correct", "corect"])
     with pytest.raises(ValueError, match="at least one"):
         VerifierService([])
+
+
+@pytest.mark.parametrize("name, response, task, expected", [
+    ("numeric", "<think> x </think> \\boxed{1/2}", {"answer": "0.5"}, 1.0),  # boxed fraction
+    ("numeric", "<think> x </think> \\boxed{ 2,500 }", {"answer": "2500.0"}, 1.0),
+    ("numeric", "<think> x </think> the answer is\n\t 7 .", {"answer": " 7 "}, 1.0),  # whitespace
+    ("exact_match", "<think> x </think> \n  SORRY   That Sounds  HARD \n", {"answer": "sorry that sounds hard"}, 1.0),
+    ("exact_match", "<think> x </think> sorry that sounds hard", {"answer": "sorry that sounds"}, 0.0),
+    ("multiple_choice", "<think> x </think>   ( C )  ", {"answer": "angry", "choices": ["happy", "sad", "angry"]}, 1.0),
+    ("multiple_choice", "<think> x </think> ANGRY", {"answer": "c", "choices": ["happy", "sad", "angry"]}, 1.0),
+    ("multiple_choice", "<think> x </think> angry", {"answer": "  Angry ", "choices": ["happy", "sad", "angry"]}, 1.0),
+])
+def test_whitespace_case_and_format_edge_cases(name, response, task, expected):
+    assert v(name, response, task) == expected
