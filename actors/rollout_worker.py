@@ -26,20 +26,29 @@ def make_engine(kind: str, model_path: str, dtype: str, pad_token_id: int, seed:
         from actors.hf_engine import HFEngine
 
         return HFEngine(model_path, dtype=dtype, pad_token_id=pad_token_id, seed=seed)
-    raise ValueError(f"rollout.engine={kind!r} is not available in this build; expected 'hf'")
+    if kind == "vllm":
+        try:
+            from actors.vllm_engine import VLLMEngine
+        except ImportError as exc:
+            raise ValueError(f"rollout.engine='vllm' needs vLLM in the rollout workers' environment "
+                             f"(pip install '.[vllm]', or .ci/vllm_env.sh on CPU): {exc}") from exc
+        return VLLMEngine(model_path, dtype=dtype, pad_token_id=pad_token_id, seed=seed, **kwargs)
+    raise ValueError(f"rollout.engine={kind!r} is not available in this build; expected 'hf' or 'vllm'")
 
 
 class RolloutWorker:
     def __init__(self, index: int, model_path: str, adapter: str = "auto", dtype: str = "float32",
                  engine: str = "hf", system_prompt: str | None = None, seed: int = 0,
-                 simulated_token_latency_s: float = 0.0, dialogue: dict | None = None):
+                 simulated_token_latency_s: float = 0.0, dialogue: dict | None = None,
+                 engine_options: dict | None = None):
         """`dialogue`: the config's `dialogue` section (environment, turn/token limits,
-        keep_reasoning); None is single-turn QA."""
+        keep_reasoning); None is single-turn QA. `engine_options`: engine-specific settings."""
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.adapter = make_adapter(adapter, model_path, self.tokenizer)
-        self.engine = SwapGuard(make_engine(engine, model_path, dtype, self.adapter.pad_id, seed + 1000 * index))
+        self.engine = SwapGuard(make_engine(engine, model_path, dtype, self.adapter.pad_id, seed + 1000 * index,
+                                            **(engine_options or {})))
         self.weight_receiver = ReceiverEnd()  # weight-sync transport end (rlhf_cluster.weight_sync)
         self.system_prompt = system_prompt
         self.simulated_token_latency_s = simulated_token_latency_s

@@ -2,7 +2,9 @@
 
 Everything downstream (datasets, rollout engines, learners) sees one canonical form: a float32
 mono 1-D tensor at 16 kHz. Decoding goes through `soundfile` (WAV/FLAC/OGG...), because
-torchaudio's own I/O needs torchcodec, which this project does not depend on.
+torchaudio's own I/O needs torchcodec, which this project does not depend on. Features are plain
+`torch.stft` + a Slaney filterbank, so rollout processes (e.g. the vLLM environment, whose
+torchaudio cannot load) need torchaudio only to resample clips that are not 16 kHz.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 
 from rlhf_cluster.tiny_model import AUDIO_MAX_FRAMES
 
@@ -60,6 +61,8 @@ def load_audio(source, *, where: str, sample_rate: int | None = None) -> torch.T
         raise AudioError(f"{where}: {what} contains NaN/inf samples; expected finite audio")
     wave = torch.from_numpy(samples).mean(dim=1)  # [time, channels] -> mono
     if file_rate != SAMPLE_RATE:
+        import torchaudio
+
         wave = torchaudio.functional.resample(wave, int(file_rate), SAMPLE_RATE)
     return wave.to(torch.float32).contiguous()
 
@@ -73,17 +76,27 @@ def encode_wav(wave, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-_MEL: torchaudio.transforms.MelSpectrogram | None = None
+_MEL_FILTERS: torch.Tensor | None = None
 
 
-def _mel_transform() -> torchaudio.transforms.MelSpectrogram:
-    """Built once per process: the filterbank is the costly part."""
-    global _MEL
-    if _MEL is None:
-        _MEL = torchaudio.transforms.MelSpectrogram(
-            sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS,
-            power=2.0, norm="slaney", mel_scale="slaney")  # Whisper's filterbank
-    return _MEL
+def _mel_filters() -> torch.Tensor:
+    """Whisper's filterbank [n_fft // 2 + 1, 128] (Slaney scale and norm), built once per process."""
+    global _MEL_FILTERS
+    if _MEL_FILTERS is None:
+        from transformers.audio_utils import mel_filter_bank
+
+        _MEL_FILTERS = torch.from_numpy(mel_filter_bank(
+            num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0,
+            max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
+            mel_scale="slaney")).to(torch.float32)
+    return _MEL_FILTERS
+
+
+def _mel_power(wave: torch.Tensor) -> torch.Tensor:
+    """Power mel spectrogram [128, len // 160 + 1]: centred, reflect-padded Hann STFT."""
+    spec = torch.stft(wave, n_fft=N_FFT, hop_length=HOP_LENGTH, window=torch.hann_window(N_FFT),
+                      center=True, pad_mode="reflect", return_complex=True).abs().pow(2)
+    return _mel_filters().T @ spec
 
 
 def log_mel(wave: torch.Tensor) -> torch.Tensor:
@@ -94,7 +107,7 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
     frames = wave.numel() // HOP_LENGTH + 1
     if wave.numel() <= N_FFT // 2:  # reflect padding needs more samples than the pad
         wave = torch.nn.functional.pad(wave, (0, N_FFT // 2 + 1 - wave.numel()))
-    mel = _mel_transform()(wave)[:, :frames]
+    mel = _mel_power(wave)[:, :frames]
     x = torch.log10(mel.clamp(min=1e-10))
     x = torch.maximum(x, x.max() - 8.0)
     return (x + 4.0) / 4.0

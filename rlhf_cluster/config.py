@@ -308,6 +308,16 @@ def validate(cfg: Any) -> None:
     for stage in cfg.run.stages:
         if stage not in STAGES:
             raise ConfigError(f"run.stages contains {stage!r}; expected stages from {list(STAGES)}")
+    if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization!r} must be "
+                          "in (0, 1] (the fraction of accelerator memory, or host RAM on CPU, vLLM reserves)")
+    if cfg.rollout.tensor_parallel_size < 1:
+        raise ConfigError(f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size!r} must be >= 1")
+    if (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus_per_worker > 0
+            and cfg.rollout.num_gpus_per_worker < cfg.rollout.tensor_parallel_size):
+        raise ConfigError(f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} needs "
+                          f"rollout.num_gpus_per_worker >= {cfg.rollout.tensor_parallel_size}, got "
+                          f"{cfg.rollout.num_gpus_per_worker}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p!r} must be in (0, 1]")
     if cfg.rollout.samples_per_prompt < 2 and cfg.rl.algorithm == "grpo":

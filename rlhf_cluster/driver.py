@@ -68,6 +68,14 @@ class Actors:
     adapter: Any  # the driver's own copy, for rendering SFT targets and learner masks
 
 
+def engine_options(cfg: Any) -> dict:
+    """Backend-specific engine arguments from `rollout.*` (the HF engine takes none)."""
+    if cfg.rollout.engine != "vllm":
+        return {}
+    return {"tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
+
+
 def start_actors(cfg: Any) -> Actors:
     from actors.rollout_worker import RolloutWorker
     from learners.group import LearnerGroup
@@ -90,7 +98,8 @@ def start_actors(cfg: Any) -> Actors:
             i, cfg.model.path, adapter=cfg.model.adapter, dtype=cfg.model.dtype,
             engine=cfg.rollout.engine, system_prompt=cfg.data.system_prompt, seed=cfg.run.seed,
             simulated_token_latency_s=cfg.rollout.simulated_token_latency_s,
-            dialogue=OmegaConf.to_container(cfg.dialogue, resolve=True))
+            dialogue=OmegaConf.to_container(cfg.dialogue, resolve=True),
+            engine_options=engine_options(cfg))
         for i in range(cfg.rollout.num_workers)
     ]
     ray.get([w.ready.remote() for w in workers])

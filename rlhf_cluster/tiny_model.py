@@ -101,6 +101,14 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128,
     model.generation_config = GenerationConfig(
         eos_token_id=ids(IM_END), pad_token_id=ids(PAD), bos_token_id=ids(IM_START))
     model.save_pretrained(out, safe_serialization=True)
+    # Re-write the weights under the Hub's Qwen2-Audio names, which both transformers and vLLM
+    # load (save_pretrained's reverse renaming doubles `model.` in the language model's names).
+    from safetensors.torch import save_file
+
+    from rlhf_cluster.checkpoint_names import checkpoint_name
+
+    save_file({checkpoint_name("qwen2_audio", k): v.contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400,
         chunk_length=AUDIO_MAX_FRAMES * 160 // 16000)
