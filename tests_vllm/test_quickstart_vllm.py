@@ -1,5 +1,6 @@
-"""`rollout.engine: vllm` runs the quickstart end to end on CPU: SFT warm start, async GRPO with
-the vLLM engine serving every pushed version, reward rising."""
+"""`rollout.engine: vllm` runs the quickstart end to end on CPU: reward model, SFT warm start,
+async GRPO against verifiers + the reward model with the vLLM engine serving every published
+version, reward rising."""
 
 import pyarrow.parquet as pq
 from conftest import GPU_MEMORY_UTILIZATION

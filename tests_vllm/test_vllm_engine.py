@@ -1,5 +1,6 @@
 """The real vLLM engine (CPU build) behind the `Engine` interface, driven like the cluster does:
-a Ray `RolloutWorker` actor, a real DeepSpeed `LearnerGroup`, versioned `WeightSync` pushes.
+a Ray `RolloutWorker` actor, a real DeepSpeed `LearnerGroup`, versioned `WeightSync` publishes
+(learner rank 0 streams the weights to the worker over the default transport).
 
 A vLLM engine that keeps serving old weights, samples from a different distribution than the
 learner recomputes, or reorders n-sample groups fails here."""
@@ -16,7 +17,7 @@ from learners.group import LearnerGroup
 from rlhf_cluster.data.tasks import load_tasks
 from rlhf_cluster.driver import assign_advantages
 from rlhf_cluster.experience import collate, shard_episodes
-from rlhf_cluster.weight_sync import WeightSync
+from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
 
 SYSTEM = "you are a caring voice assistant ."
 SAMPLING = {"n": 3, "max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0}
@@ -24,7 +25,7 @@ GREEDY = {"n": 1, "max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0, "greed
 
 
 def start_worker(model_dir, name):
-    worker = ray.remote(RolloutWorker).options(num_cpus=0.5, name=name).remote(
+    worker = rollout_actor_class(RolloutWorker).options(num_cpus=0.5, name=name).remote(
         0, model_dir, engine="vllm", system_prompt=SYSTEM,
         engine_options={"gpu_memory_utilization": GPU_MEMORY_UTILIZATION})
     ray.get(worker.ready.remote())
@@ -42,7 +43,7 @@ def stack(ray_session, tiny_model_dir, synthetic_dir):
         "loss_agg": "token_mean", "advantage_std_norm": True, "temperature": 1.0,
         "suppress_token_ids": probe.adapter.suppress_token_ids}, name_prefix="vllm-test-learner")
     worker = start_worker(tiny_model_dir, "vllm-test-rollout-0")
-    sync = WeightSync([worker])
+    sync = WeightSync([worker], learner=group)
     yield {"tasks": tasks, "probe": probe, "group": group, "worker": worker, "sync": sync}
     group.shutdown()
     for w in sync.workers:
@@ -75,9 +76,8 @@ def train_and_push(stack, version):
     assign_advantages(episodes, std_norm=True)
     pad = stack["probe"].pad_token_id()
     stack["group"].train_step([collate(s, pad) for s in shard_episodes(episodes, 2)])
-    weights = stack["group"].named_tensors()
-    stack["sync"].push(version, weights)
-    return weights
+    stack["sync"].publish(version)
+    return stack["group"].named_tensors()
 
 
 def test_n_sample_groups_complete_in_order_and_well_formed(stack):
@@ -147,7 +147,7 @@ def test_restarted_worker_serves_current_weights_before_generating(stack, tiny_m
     current = stack["group"].named_tensors()
     expected = hf_greedy(probe, current, tasks)
     ray.kill(stack["worker"])  # the worker dies mid-run...
-    sync.workers.remove(stack["worker"])
+    sync.leave(stack["worker"])
     fresh = start_worker(tiny_model_dir, "vllm-test-rollout-restarted")  # ...and comes back
     assert ray.get(fresh.weight_version.remote()) == -1  # a fresh engine holds the checkpoint
     assert sync.join(fresh) == sync.version
@@ -156,6 +156,9 @@ def test_restarted_worker_serves_current_weights_before_generating(stack, tiny_m
     episodes = ray.get(fresh.rollout.remote(tasks, GREEDY, 99))
     assert {ep.policy_version for ep in episodes} == {sync.version}
     assert [ep.token_ids[ep.loss_mask.index(1):] for ep in episodes] == expected
+    weights = train_and_push(stack, sync.version + 1)  # the re-formed group reaches it too
+    assert ray.get(fresh.weight_version.remote()) == sync.version
+    assert served_greedy(fresh, tasks, 100) == hf_greedy(probe, weights, tasks)
 
 
 def test_update_weights_rejects_incomplete_or_unknown_sets(stack):
