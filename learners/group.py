@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learners.worker import LearnerWorker
 from rlhf_cluster.batch import TrainBatch
+from rlhf_cluster.cluster import kill_actors
 
 
 @ray.remote(num_cpus=0)
@@ -122,6 +123,5 @@ class LearnerGroup:
         """Best-effort clean exit (a rank stuck in a collective will not answer), then kill."""
         refs = [w.shutdown.remote() for w in self.workers]
         ray.wait(refs, num_returns=len(refs), timeout=10)
-        for w in self.workers:
-            ray.kill(w)
+        kill_actors(self.workers)  # waits, so the names are free for the next group
         remove_placement_group(self.pg)

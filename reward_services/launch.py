@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from reward_services.router import RewardRouter
+from rlhf_cluster.cluster import kill_actors
 
 
 def start_reward_services(cfg: Any, pad_token_id: int) -> tuple[dict[str, Any], RewardRouter]:
@@ -55,8 +56,7 @@ def start_reward_services(cfg: Any, pad_token_id: int) -> tuple[dict[str, Any], 
         try:
             ray.get(handle.__ray_ready__.remote())
         except ray.exceptions.RayActorError as exc:
-            for h in handles.values():
-                ray.kill(h)
+            kill_actors(handles.values())
             raise RuntimeError(f"reward service {name!r} (actor reward-{name}) failed to start: {exc}") from None
     weights = {name: w for name, w in cfg.reward.weights.items() if w != 0}  # 0: switched off
     router = RewardRouter(handles, weights, timeout_s=cfg.reward.timeout_s,

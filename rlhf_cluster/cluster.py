@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,20 @@ def connect(cluster_cfg: Any, address: str | None = None, token_path: str | None
     url = getattr(info, "dashboard_url", None)
     return {"address": info.address_info.get("gcs_address") if hasattr(info, "address_info") else address,
             "dashboard": f"http://{url}" if url else None, "embedded": embedded}
+
+
+def kill_actors(handles: list, timeout_s: float = 30.0) -> None:
+    """Kill actors and wait until they are dead. `ray.kill` only starts the kill; until the
+    actor is dead its name stays taken, so a run started right after (a test, a retried job)
+    would fail to create its `rollout-0` or `learner-0`."""
+    handles = list(handles)
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    for handle in handles:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(handle.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)  # answered: the kill has not taken effect yet

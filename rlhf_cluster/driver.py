@@ -22,7 +22,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
-from rlhf_cluster.cluster import connect
+from rlhf_cluster.cluster import connect, kill_actors
 from rlhf_cluster.config import to_yaml
 from rlhf_cluster.data.tasks import Task, load_tasks
 from rlhf_cluster.experience import Episode, collate, shard_episodes
@@ -77,7 +77,6 @@ def engine_options(cfg: Any) -> dict:
 
 
 def start_actors(cfg: Any) -> Actors:
-    from actors.rollout_worker import RolloutWorker
     from learners.group import LearnerGroup
     from reward_services.launch import start_reward_services
 
@@ -90,7 +89,21 @@ def start_actors(cfg: Any) -> Actors:
                    "temperature": cfg.rollout.temperature,
                    "suppress_token_ids": adapter.suppress_token_ids}
     learner = LearnerGroup(cfg.model.path, learner_cfg, dtype=cfg.model.dtype, seed=cfg.run.seed)
-    services, router = start_reward_services(cfg, adapter.pad_id)
+    services, workers = {}, []
+    try:  # a failed start must not leave named actors behind for the next run
+        services, router = start_reward_services(cfg, adapter.pad_id)
+        workers = start_rollout_workers(cfg)
+        return Actors(workers, learner, router, services,
+                      WeightSync.from_config(cfg, workers, learner), adapter)
+    except BaseException:
+        learner.shutdown()
+        kill_actors([*services.values(), *workers])
+        raise
+
+
+def start_rollout_workers(cfg: Any) -> list:
+    from actors.rollout_worker import RolloutWorker
+
     worker_cls = rollout_actor_class(RolloutWorker)  # weight sync runs beside generation
     workers = [
         worker_cls.options(name=f"rollout-{i}", num_cpus=cfg.rollout.num_cpus_per_worker,
@@ -102,8 +115,12 @@ def start_actors(cfg: Any) -> Actors:
             engine_options=engine_options(cfg))
         for i in range(cfg.rollout.num_workers)
     ]
-    ray.get([w.ready.remote() for w in workers])
-    return Actors(workers, learner, router, services, WeightSync.from_config(cfg, workers, learner), adapter)
+    try:
+        ray.get([w.ready.remote() for w in workers])
+    except BaseException:
+        kill_actors(workers)
+        raise
+    return workers
 
 
 class TaskSampler:
@@ -388,5 +405,4 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
     finally:
         actors.sync.close()
         actors.learner.shutdown()
-        for handle in actors.services.values():
-            ray.kill(handle)
+        kill_actors([*actors.sync.workers, *actors.services.values()])
