@@ -26,6 +26,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rlhf_cluster.cluster import kill_actors  # noqa: E402
 from rlhf_cluster.config import load_config  # noqa: E402
 from rlhf_cluster.driver import (TaskSampler, assign_advantages, collect_rollouts, prepare_inputs,  # noqa: E402
                                  run, score, start_actors, submit_rollouts)
@@ -81,8 +82,7 @@ def component_throughputs(tmp: Path, steps: int, latency: float) -> tuple[float,
     finally:
         actors.sync.close()
         actors.learner.shutdown()
-        for w in actors.workers:
-            ray.kill(w)
+        kill_actors([*actors.sync.workers, *actors.services.values()])
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from learners.reward_model import RewardModel, load_reward_model
 from reward_services.judge import RubricJudgeService
 from reward_services.preference import PreferenceService, turn_ends
 from reward_services.router import RewardRouter
+from rlhf_cluster.cluster import kill_actors
 from rlhf_cluster.config import ConfigError, load_config
 from rlhf_cluster.models import load_model
 from test_reward_model import spoken_row
@@ -163,15 +164,13 @@ def test_remote_service_from_config_needs_its_token(ray_local, tiny_model_dir, s
         services, router = start_reward_services(cfg, pad_token_id=0)
         (refused,) = router.score([{"episode_id": "e", "response": "the answer is 2", "task": {"answer": "2"}}])
         assert refused.reward is None and "refused the token" in refused.error
-        for h in services.values():
-            ray.kill(h)
+        kill_actors(services.values())  # waits: the same names are started again next
         monkeypatch.setenv("QS_TEST_REWARD_TOKEN", "tok-123")
         services, router = start_reward_services(cfg, pad_token_id=0)
         (ok,) = router.score([{"episode_id": "e", "response": "the answer is 2", "task": {"answer": "2"}}])
         assert ok.components["mentions"] == 1.0 and ok.components["length"] == 15.0
         assert ok.reward == pytest.approx(0.8 * 1.0 + 0.2 * 0.0 + 0.5 * 1.0)
-        for h in services.values():
-            ray.kill(h)
+        kill_actors(services.values())  # waits: the same names are started again next
     finally:
         server.shutdown()
         server.server_close()
