@@ -78,21 +78,35 @@ class Progress:
 
 
 def plot_rewards(rows: list[dict[str, Any]], png: Path, keys: tuple[str, ...] = ("reward_mean",)) -> Path:
+    """Reward curves of the rl stage. Components bounded in [0, 1] (verifiers) and unbounded
+    ones (reward-model logits, z-scores) go on separate panels, so neither flattens the other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.get("stage") == "rl"]
-    fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for key in keys + tuple(k for k in rows[0] if k.startswith("reward.") and rows[0][k] is not None):
-        ax.plot(steps, [r.get(key) for r in rows], label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title("rlhf-cluster: reward per step")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    names = list(keys) + [k for k in dict.fromkeys(k for r in rows for k in r)
+                          if k.startswith("reward.") and k not in keys]
+    curves = {k: [r.get(k) for r in rows] for k in names}
+    curves = {k: v for k, v in curves.items() if any(x is not None for x in v)}
+    bounded = {k: v for k, v in curves.items()
+               if all(x is None or -0.05 <= x <= 1.05 for x in v) or k in keys}
+    unbounded = {k: v for k, v in curves.items() if k not in bounded}
+    panels = [("reward and bounded components", bounded)]
+    if unbounded:
+        panels.append(("unbounded components (reward model)", unbounded))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (title, group) in zip(axes[0], panels):
+        for key, values in group.items():
+            ax.plot(steps, [float("nan") if x is None else x for x in values], label=key)
+        ax.set_xlabel("rl step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("reward")
+    fig.suptitle("rlhf-cluster: reward per step")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
