@@ -276,7 +276,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rm.zero_stage": (0, 1, 2, 3),
     "reward.services.judge.engine": ("hf",),
 }
-NORMALIZE = ("none", "batch_zscore", "running_zscore")
 STAGES = ("rm", "sft", "rl")  # run in this order (rm and sft are independent; rl needs both)
 POSITIVE = ("rollout.num_workers", "rollout.prompts_per_step", "rollout.samples_per_prompt",
             "rollout.max_new_tokens", "learner.num_ranks", "learner.micro_batch_size",
@@ -398,6 +397,8 @@ def validate_rewards(cfg: Any) -> None:
         if name not in components and weight != 0:  # weight 0 switches a component off
             raise ConfigError(f"reward.weights.{name}: no reward service produces {name!r}; "
                               f"components available: {sorted(components)}")
+    from reward_services.router import NORMALIZE  # the router owns the choices
+
     for name, how in r.normalize.items():
         if how not in NORMALIZE:
             raise ConfigError(f"reward.normalize.{name}={how!r}; expected one of {list(NORMALIZE)}")

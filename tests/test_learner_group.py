@@ -17,7 +17,7 @@ from rlhf_cluster.batch import TrainBatch
 from rlhf_cluster.config import LearnerConfig
 from rlhf_cluster.models import load_model
 from rlhf_cluster.tiny_model import (AUDIO_BOS, AUDIO_EOS, AUDIO_MAX_FRAMES, AUDIO_TOKEN, IM_END,
-                                     IM_START, build_tiny_model)
+                                     IM_START)
 
 PLACEHOLDERS_PER_CLIP = 25  # 100 valid mel frames -> 50 -> 25 encoder outputs
 

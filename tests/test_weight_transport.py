@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_cluster.weight_broadcast import Layout, plan_buckets, weight_meta
-from rlhf_cluster.weight_transport import ReceiverEnd, SenderEnd, WeightSyncError
+from rlhf_cluster.weight_transport import ReceiverEnd, SenderEnd
 
 F32, BF16 = "torch.float32", "torch.bfloat16"
 
