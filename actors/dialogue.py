@@ -52,10 +52,21 @@ class _Live:
     turn_clips: list[int] = field(default_factory=list)
     dialogue: list[dict] = field(default_factory=list)
     finish_reason: str = "length"
+    pos: int = 0  # the task's position in the (merged) run
+    step: int = 0  # the rollout step its batch was queued for
 
 
 def _user_text(turns) -> list[dict]:
     return [{"role": t.role, "text": t.text or t.transcript or ""} for t in turns if t.role == "user"]
+
+
+def _request_id(pos: int, task: Task) -> str:
+    return f"{pos}:{task.prompt_id}"
+
+
+def _key(pos: int, task: Task, i: int) -> str:
+    """One dialogue: the request id of its turn-1 request, then the sample index."""
+    return f"{_request_id(pos, task)}\x1f{i}"
 
 
 class DialogueRunner:
@@ -66,9 +77,17 @@ class DialogueRunner:
         self.simulated_token_latency_s = simulated_token_latency_s
 
     def run(self, tasks: list[Task], params: SamplingParams, step: int) -> list[Episode]:
+        """`params.n` episodes per task, tasks in order, samples in order."""
+        return self.run_many([(tasks, step)], params)[0]
+
+    def run_many(self, batches: list[tuple[list[Task], int]], params: SamplingParams) -> list[list[Episode]]:
+        """Several (tasks, step) batches in ONE set of engine calls (see `actors.call_batcher`);
+        each batch's episodes come back on their own, as `run` would return them. Dialogues
+        are keyed by position, so a prompt may occur in several batches (or twice in one)."""
+        jobs = [(task, step) for tasks, step in batches for task in tasks]
         live: dict[str, _Live] = {}
         requests = []
-        for task in tasks:
+        for pos, (task, step) in enumerate(jobs):
             opening = None
             for i in range(params.n):
                 env = make_environment(self.env_cfg, f"{task.prompt_id}-{i}", self.seed)
@@ -76,21 +95,21 @@ class DialogueRunner:
                 if opening is None:  # same opening for every sample: render it once
                     opening = obs
                     prompt_ids, clips = self.adapter.render_prompt(self.system_prompt, obs)
-                live[self._key(task, i)] = _Live(
+                live[_key(pos, task, i)] = _Live(
                     task, i, env, list(prompt_ids), list(prompt_ids), list(clips),
                     mask=[0] * len(prompt_ids), logprobs=[0.0] * len(prompt_ids),
-                    turn_clips=[len(clips)], dialogue=_user_text(obs))
-            requests.append(GenerationRequest(request_id=task.prompt_id, prompt_ids=prompt_ids,
+                    turn_clips=[len(clips)], dialogue=_user_text(obs), pos=pos, step=step)
+            requests.append(GenerationRequest(request_id=_request_id(pos, task), prompt_ids=prompt_ids,
                                               audio=self.adapter.audio_inputs(clips), sampling=params))
         results = self._generate(requests)
-        active = [(live[self._key_of(r)], r) for r in results]
+        active = [(live[f"{r.request_id}\x1f{r.sample_index}"], r) for r in results]
         single = replace(params, n=1)
         finished: list[_Live] = []
         while active:
             requests, by_id = [], {}
             for d, res in active:
                 if self._advance(d, res, params.max_new_tokens):
-                    rid = self._key(d.task, d.sample_index)
+                    rid = _key(d.pos, d.task, d.sample_index)
                     by_id[rid] = d
                     requests.append(GenerationRequest(
                         request_id=rid, prompt_ids=list(d.context),
@@ -98,17 +117,13 @@ class DialogueRunner:
                 else:
                     finished.append(d)
             active = [(by_id[r.request_id], r) for r in self._generate(requests)] if requests else []
-        order = {self._key(t, i): k for k, (t, i) in enumerate((t, i) for t in tasks for i in range(params.n))}
-        finished.sort(key=lambda d: order[self._key(d.task, d.sample_index)])
-        return [self._episode(d, step) for d in finished]
-
-    @staticmethod
-    def _key(task: Task, i: int) -> str:
-        return f"{task.prompt_id}\x1f{i}"
-
-    @staticmethod
-    def _key_of(res: GenerationResult) -> str:
-        return f"{res.request_id}\x1f{res.sample_index}"
+        finished.sort(key=lambda d: (d.pos, d.sample_index))
+        out, k = [], 0
+        for tasks, _ in batches:
+            size = len(tasks) * params.n
+            out.append([self._episode(d, d.step) for d in finished[k:k + size]])
+            k += size
+        return out
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         results = self.engine.generate(requests)

@@ -13,6 +13,7 @@ import os
 import torch
 from transformers import AutoTokenizer
 
+from actors.call_batcher import CallBatcher
 from actors.dialogue import DialogueLimits, DialogueRunner
 from actors.engine import SamplingParams
 from rlhf_cluster.adapters import make_adapter
@@ -57,6 +58,7 @@ class RolloutWorker:
                                    if k in DialogueLimits.__dataclass_fields__})
         self.dialogue = DialogueRunner(self.engine, self.adapter, system_prompt, dialogue, limits,
                                        seed=seed, simulated_token_latency_s=simulated_token_latency_s)
+        self._batcher = CallBatcher(self._rollout_many, key=lambda call: tuple(sorted(call[1].items())))
 
     def ready(self) -> int:
         return self.index
@@ -94,7 +96,15 @@ class RolloutWorker:
         self.weight_receiver.close()
 
     def rollout(self, tasks: list[Task], sampling: dict, step: int) -> list[Episode]:
-        """`n` episodes per task, tasks in order, samples in order."""
-        params = SamplingParams(**sampling, stop_token_ids=self.adapter.stop_token_ids,
+        """`n` episodes per task, tasks in order, samples in order. Calls that arrive while the
+        engine is busy are generated together in the next engine run (`CallBatcher`)."""
+        return self._batcher((tasks, sampling, step))
+
+    def merged_runs(self) -> dict[str, int]:
+        """How many engine runs served how many rollout calls (calls - runs were merged)."""
+        return {"runs": self._batcher.runs, "calls": self._batcher.calls}
+
+    def _rollout_many(self, calls: list[tuple[list[Task], dict, int]]) -> list[list[Episode]]:
+        params = SamplingParams(**calls[0][1], stop_token_ids=self.adapter.stop_token_ids,
                                 suppress_token_ids=self.adapter.suppress_token_ids)
-        return self.dialogue.run(tasks, params, step)
+        return self.dialogue.run_many([(tasks, step) for tasks, _, step in calls], params)

@@ -36,9 +36,13 @@ from rlhf_cluster.weight_transport import WEIGHTS_GROUP, WeightSyncError
 TRANSPORTS = ("auto", "shm", "broadcast", "object_store")
 
 
+ROLLOUT_CONCURRENCY = 16  # rollout calls a worker holds at once (merged by its CallBatcher)
+
+
 def rollout_actor_class(cls):
-    """`ray.remote(cls)` with a one-thread `weights` concurrency group for the sync calls."""
-    return ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(cls)
+    """`ray.remote(cls)` with a one-thread `weights` concurrency group for the sync calls, and
+    room for the queued rollout calls to wait side by side (they are merged into one run)."""
+    return ray.remote(concurrency_groups={WEIGHTS_GROUP: 1}, max_concurrency=ROLLOUT_CONCURRENCY)(cls)
 
 
 def assign_transports(transport: str, sender_node: str, worker_nodes: list[str], backend: str) -> list[str]:

@@ -56,13 +56,14 @@ def _recorded_rollout(model_dir, tasks, dialogue, step=1):
 
 def _turns_of(rec, episode):
     """(prompt ids the engine was given, result) for each turn of one episode, in order: turn 1
-    is the prompt's request (sample i of n), later turns the dialogue's own request."""
+    is the prompt's request (sample i of n), later turns the dialogue's own request. Request
+    ids are "<position in the run>:<prompt id>[\x1f<sample>]"; the prompts here are distinct."""
     mine = {episode.prompt_id: episode.sample_index, f"{episode.prompt_id}\x1f{episode.sample_index}": 0}
     out = []
     for requests, results in rec.calls:
         by_id = {r.request_id: r for r in requests}
         out += [(by_id[res.request_id].prompt_ids, res) for res in results
-                if mine.get(res.request_id) == res.sample_index]
+                if mine.get(res.request_id.split(":", 1)[1]) == res.sample_index]
     return out
 
 
@@ -143,7 +144,7 @@ def test_earlier_reasoning_is_stripped_and_rows_are_exact_engine_contexts(step_m
         assert ep.context_drops == [(s, s + 5) for s, _ in ep.turn_spans[:2]]  # "<think> i count k </think>"
         for k, (ids, mask, logprobs, clips) in enumerate(rows):
             engine_prompt = next(r.prompt_ids for r in engine.calls[k]  # turn 1: one request per prompt
-                                 if r.request_id in (ep.prompt_id, f"{ep.prompt_id}\x1f0"))
+                                 if r.request_id.split(":", 1)[1] in (ep.prompt_id, f"{ep.prompt_id}\x1f0"))
             assert ids == engine_prompt + replies[k]  # byte for byte what the engine saw + sampled
             assert [t for t, m in zip(ids, mask) if m] == replies[k]
             assert [x for x, m in zip(logprobs, mask) if m] == [-0.5 - k] * len(replies[k])
