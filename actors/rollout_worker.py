@@ -107,4 +107,7 @@ class RolloutWorker:
     def _rollout_many(self, calls: list[tuple[list[Task], dict, int]]) -> list[list[Episode]]:
         params = SamplingParams(**calls[0][1], stop_token_ids=self.adapter.stop_token_ids,
                                 suppress_token_ids=self.adapter.suppress_token_ids)
-        return self.dialogue.run_many([(tasks, step) for tasks, _, step in calls], params)
+        batches = self.dialogue.run_many([(tasks, step) for tasks, _, step in calls], params)
+        for episode in (e for batch in batches for e in batch):
+            episode.worker = self.index
+        return batches

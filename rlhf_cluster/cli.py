@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else embedded)")
     run_p.add_argument("--auth-token-file", help="Ray auth token file for joining a cluster")
 
+    scale_p = sub.add_parser("scale", help="set the number of rollout workers of a running RL job")
+    scale_p.add_argument("workers", type=int, help="target number of rollout workers (>= 1)")
+    scale_p.add_argument("--address", default="auto", help="the job's Ray cluster (default: auto)")
+    scale_p.add_argument("--auth-token-file", help="Ray auth token file for joining the cluster")
+    scale_p.add_argument("--namespace", default="rlhf-cluster", help="the job's cluster.namespace")
+
     val_p = sub.add_parser("validate", help="validate a config and print it resolved")
     val_p.add_argument("config")
     val_p.add_argument("overrides", nargs="*")
@@ -43,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf_cluster.driver import run
 
             run(cfg, address=args.address, token_path=args.auth_token_file)
+        elif args.command == "scale":
+            print(scale(args))
         elif args.command == "make-tiny-model":
             from rlhf_cluster.tiny_model import build_tiny_model
 
@@ -55,7 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError) as exc:
+        if args.command != "scale":
+            raise
+        print(f"scale: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def scale(args: argparse.Namespace) -> str:
+    """Join the job's cluster (token auth), set its rollout-worker target, describe the result."""
+    import ray
+
+    from rlhf_cluster.cluster import prepare_auth
+    from rlhf_cluster.elastic import scale_rollout_workers
+
+    if not ray.is_initialized():
+        prepare_auth(args.auth_token_file)
+        ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+    status = scale_rollout_workers(args.workers, namespace=args.namespace)
+    return (f"rollout workers: target {status['target']}, running {status.get('workers', '?')}, "
+            f"starting {status.get('starting', 0)}, retiring {status.get('retiring', 0)} "
+            f"(step {status.get('step', '?')}, weight version {status.get('version', '?')})")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ def prepare_auth(token_path: str | None = None) -> str:
             log.warning("No Ray auth token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or %s); "
                         "joining a token-auth cluster will be refused", DEFAULT_TOKEN_PATH)
             mode = "unset"
+    # Ray reads the auth mode and token into a per-process cache when it is imported; refresh
+    # it as Ray's own token setup does, or a client that imported ray first joins without it
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
     return mode
 
 

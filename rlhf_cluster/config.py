@@ -66,6 +66,8 @@ class RolloutConfig:
     # vLLM only
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
+    # `rlhf-cluster scale N` may not go above this while a job runs (None: no cap)
+    max_workers: int | None = None
 
 
 @dataclass
@@ -319,6 +321,9 @@ def validate(cfg: Any) -> None:
                           f"{cfg.rollout.num_gpus_per_worker}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p!r} must be in (0, 1]")
+    if cfg.rollout.max_workers is not None and cfg.rollout.max_workers < cfg.rollout.num_workers:
+        raise ConfigError(f"rollout.max_workers={cfg.rollout.max_workers} must be >= rollout.num_workers="
+                          f"{cfg.rollout.num_workers} (or null for no cap)")
     if cfg.rollout.samples_per_prompt < 2 and cfg.rl.algorithm == "grpo":
         raise ConfigError("rollout.samples_per_prompt must be >= 2 for grpo "
                           f"(group-normalised advantages), got {cfg.rollout.samples_per_prompt}")

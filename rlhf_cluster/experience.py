@@ -46,6 +46,7 @@ class Episode:
     context_drops: list[tuple[int, int]] = field(default_factory=list)
     turn_clips: list[int] = field(default_factory=list)  # audio clips in each turn's context
     dialogue: list[dict[str, str]] = field(default_factory=list)  # {"role", "text"} per turn
+    worker: int = -1  # index of the rollout worker that generated it
 
     @property
     def num_response_tokens(self) -> int:
@@ -87,7 +88,7 @@ class Episode:
             "turn_texts": self.turn_texts, "env_turn_rewards": self.env_turn_rewards,
             "turn_rewards": [{k: float(v) for k, v in t.items()} for t in self.turn_rewards],
             "context_drops": [list(s) for s in self.context_drops],
-            "dialogue": self.dialogue,
+            "dialogue": self.dialogue, "worker": self.worker,
         }
 
 

@@ -68,7 +68,7 @@ class Progress:
 
     FIELDS = (("reward_mean", "reward {:.3f}"), ("train.nll", "nll {:.3f}"),
               ("samples_per_s", "samples/s {:.1f}"), ("tokens_per_s", "tokens/s {:.0f}"),
-              ("step_time_s", "step {:.2f}s"), ("weight_version", "v{}"))
+              ("step_time_s", "step {:.2f}s"), ("weight_version", "v{}"), ("rollout_workers", "workers {}"))
 
     def line(self, step: int, row: dict[str, Any]) -> str:
         elapsed = time.perf_counter() - self.start
