@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from rlhf_cluster.experience import Episode
 
 RAY_GAUGES = ("reward_mean", "samples_per_s", "tokens_per_s", "step_time_s", "weight_version",
-              "staleness_max", "dropped_episodes")
+              "staleness_max", "dropped_episodes", "rollout_workers")
 
 
 class MetricsSink:
