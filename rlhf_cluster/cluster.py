@@ -37,13 +37,20 @@ def prepare_auth(token_path: str | None = None) -> str:
             log.warning("No Ray auth token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or %s); "
                         "joining a token-auth cluster will be refused", DEFAULT_TOKEN_PATH)
             mode = "unset"
-    # Ray reads the auth mode and token into a per-process cache when it is imported; refresh
-    # it as Ray's own token setup does, or a client that imported ray first joins without it
+    reload_auth_config()
+    return mode
+
+
+def reload_auth_config() -> None:
+    """Ray caches the auth mode and token per process when it is imported; reload them from the
+    environment as Ray's own token setup does, or a client that imported ray first joins
+    without its token. Not while this process is connected: that would break its session."""
+    if ray.is_initialized():
+        return
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
-    return mode
 
 
 def connect(cluster_cfg: Any, address: str | None = None, token_path: str | None = None) -> dict:

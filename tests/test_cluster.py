@@ -10,7 +10,9 @@ def clean_env(monkeypatch, tmp_path):
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(cluster, "DEFAULT_TOKEN_PATH", tmp_path / "no-such-token")
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()  # this process's own Ray session: its auth env, then Ray's cached copy
+    cluster.reload_auth_config()
 
 
 def test_token_file_switches_token_mode_on(clean_env, tmp_path):
