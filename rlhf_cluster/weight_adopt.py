@@ -18,7 +18,8 @@ from collections.abc import Mapping
 import torch
 
 
-def check_complete(version: int, params: Mapping[str, torch.Tensor], named_tensors: Mapping[str, torch.Tensor]) -> None:
+def check_complete(version: int, params: Mapping[str, torch.Tensor],
+                   named_tensors: Mapping[str, torch.Tensor]) -> None:
     """Every parameter covered, no unknown name: a partial swap would serve mixed versions."""
     unknown = sorted(set(named_tensors) - set(params))
     missing = sorted(set(params) - set(named_tensors))

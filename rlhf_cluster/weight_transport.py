@@ -18,8 +18,8 @@ two transports at once:
   so rank 0 packs once.
 
 Every receiver ends a version with ONE `apply(version, named_tensors)` (or, on shm, `adopt`)
-call holding the complete weight set as views into its receive buffer (the engine contract). Receiving never
-touches the engine, so generation pauses only for that final swap. Collectives run with a
+call holding the complete weight set as views into its receive buffer (the engine contract).
+Receiving never touches the engine, so generation pauses only for that final swap. Collectives run with a
 timeout: a dead or absent peer raises a `WeightSyncError` instead of hanging.
 """
 
@@ -271,7 +271,8 @@ def param_meta(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[t
 
 
 class SwapGuard:
-    """Engine proxy whose `generate` and weight swaps (`update_weights`, `adopt_weights`) never overlap.
+    """Engine proxy whose `generate` and weight swaps (`update_weights`, `adopt_weights`)
+    never overlap.
 
     Sync calls run on their own thread of the rollout actor (concurrency group `weights`), so
     a version is received while the engine keeps generating; only the swap waits for the

@@ -12,10 +12,10 @@ from actors.hf_engine import HFEngine
 from actors.rollout_worker import RolloutWorker
 from learners.group import LearnerGroup
 from rlhf_cluster.data.tasks import load_tasks
-from rlhf_cluster.experience import collate, shard_episodes
 from rlhf_cluster.weight_adopt import adopt_into
 from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
-from test_weight_sync import SAMPLING, SYSTEM, assert_serving, learner_cfg, train_once
+from test_weight_sync import (SAMPLING, SYSTEM, assert_learner_recomputes, assert_serving, learner_cfg,
+                              train_once)
 
 
 def _probed_worker_class():
@@ -86,10 +86,7 @@ def test_shm_sync_serves_from_the_segment_in_alternating_slots(rig):
         # the adopted engine generates with the learner's weights (logprobs recomputed equal)
         episodes = ray.get(workers[0].rollout.remote(tasks, SAMPLING, 9))
         assert {ep.policy_version for ep in episodes} == {3}
-        shards = [collate(s, probe.pad_token_id()) for s in shard_episodes(episodes, 2)]
-        for shard, lp in zip(shards, group.logprobs(shards)):
-            mask = shard.loss_mask.bool()
-            assert torch.allclose(lp[mask], shard.old_logprobs[mask], atol=1e-4)
+        assert_learner_recomputes(group, episodes, probe)
     finally:
         sync.close()
 
