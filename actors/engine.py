@@ -56,6 +56,12 @@ class Engine(Protocol):
 
     def update_weights(self, version: int, named_tensors: dict[str, torch.Tensor]) -> None: ...
 
+    # Optional (`HFEngine` has it, vLLM does not): `adopt_weights(version, named_tensors)` takes
+    # the tensors themselves as the parameters' storage instead of copying them; the caller
+    # guarantees they stay valid and unchanged until the next adopt/update. The shm weight sync
+    # uses it so a version is copied once (into the shared segment); same name checks as
+    # `update_weights`, and a later `update_weights` must not write into adopted storage.
+
     def named_tensors(self) -> dict[str, torch.Tensor]: ...
 
     @property

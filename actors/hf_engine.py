@@ -11,6 +11,7 @@ import torch
 
 from actors.engine import GenerationRequest, GenerationResult
 from rlhf_cluster.models import load_model
+from rlhf_cluster.weight_adopt import adopt_into, copy_into
 
 
 class HFEngine:
@@ -20,6 +21,7 @@ class HFEngine:
         self._version = -1
         self._generator_seed = seed
         self._calls = 0
+        self._borrowed: set[str] = set()  # parameters whose storage is adopted (shared), see weight_adopt
 
     @property
     def weight_version(self) -> int:
@@ -74,16 +76,16 @@ class HFEngine:
             return {}
         return {k: torch.cat([a[k] for a in with_audio]) for k in with_audio[0]}
 
-    @torch.no_grad()
     def update_weights(self, version: int, named_tensors: dict[str, torch.Tensor]) -> None:
         """In-place copy; every parameter must be covered, and no unknown name is accepted."""
-        params = dict(self.model.named_parameters())
-        unknown = sorted(set(named_tensors) - set(params))
-        missing = sorted(set(params) - set(named_tensors))
-        if unknown or missing:
-            raise KeyError(f"weight update v{version}: unknown names {unknown[:5]}, missing {missing[:5]}")
-        for name, tensor in named_tensors.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+        copy_into(version, dict(self.model.named_parameters()), named_tensors, self._borrowed)
+        self._version = version
+
+    def adopt_weights(self, version: int, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Serve these tensors as the parameters' storage (no copy) where shape and dtype match,
+        copy the rest; the caller keeps them valid and unchanged until the next swap. Tied
+        weights stay tied: `named_parameters` yields a shared parameter once."""
+        adopt_into(version, dict(self.model.named_parameters()), named_tensors, self._borrowed)
         self._version = version
 
     def named_tensors(self) -> dict[str, torch.Tensor]:

@@ -88,8 +88,10 @@ class RolloutWorker:
         return self.index
 
     def sync_receive(self, version: int) -> int:
-        """Receive `version` through the group, swap it in; returns the version now served."""
-        self.weight_receiver.receive(version, self.update_weights)
+        """Receive `version` through the group, swap it in (adopted on shm when the engine can);
+        returns the version now served."""
+        adopt = self.engine.adopt_weights if self.engine.can_adopt else None
+        self.weight_receiver.receive(version, self.update_weights, adopt)
         return self.engine.weight_version
 
     def sync_close(self) -> None:

@@ -155,10 +155,12 @@ class BroadcastGroup:
             self.broadcasts += 1
         return self.pg.broadcast([buf], opts)
 
-    def barrier(self) -> None:
-        """All ranks meet (a one-element all-reduce); raises after the group's timeout."""
-        flag = torch.zeros(1, device=self.device)
+    def barrier(self, value: float = 0.0) -> float:
+        """All ranks meet (a one-element all-reduce); raises after the group's timeout. Returns
+        the sum of every rank's `value`: rank 0 can hand the others a small number with it."""
+        flag = torch.full((1,), float(value), dtype=torch.float32, device=self.device)
         self.pg.allreduce([flag]).wait()
+        return float(flag.item())
 
     def buffers(self, cap: int, count: int) -> list[torch.Tensor]:
         """`count` byte buffers of at least `cap` bytes; cached when keep_buffers is set."""

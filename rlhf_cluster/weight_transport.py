@@ -4,19 +4,22 @@ A version leaves rank 0 as size-bounded buckets, packed parameter by parameter f
 iterator (under ZeRO-3 each parameter is gathered just before it is packed), through up to
 two transports at once:
 
-- shm: same-node workers. Rank 0 packs the buckets into one /dev/shm segment that every
-  same-node worker has mapped; each worker hands views into it to its engine, which copies
-  them in (the CPU analogue of the CUDA-IPC handles verl/slime pass to colocated engines).
-  Only two barriers per version travel over a small gloo group: "everyone swapped the
-  previous version" (the segment may be overwritten) and "the new version is packed".
+- shm: same-node workers. Rank 0 packs the buckets into one slot of a double-buffered
+  /dev/shm segment that every same-node worker has mapped; each worker's engine adopts views
+  into that slot as its parameters (no copy; an engine without `adopt_weights` copies them
+  in). This is the CPU analogue of the CUDA-IPC handles verl/slime pass to colocated engines.
+  Versions alternate between the two slots, so only two barriers per version travel over a
+  small gloo group: "everyone swapped the previous version in" (so nobody serves from the
+  slot about to be overwritten, the one of the version before) and "the new version is
+  packed" (which also tells the receivers which slot).
 - broadcast: workers on other nodes (or every worker, when configured). One broadcast per
   bucket over a dedicated gloo (CPU) or NCCL (GPU) group into each worker's flat receive
   buffer. When shm is also in use the buckets are broadcast straight out of the segment,
   so rank 0 packs once.
 
-Every receiver ends a version with ONE `apply(version, named_tensors)` call holding the
-complete weight set as views into its receive buffer (the engine contract). Receiving never
-touches the engine, so generation pauses only for that final swap. Collectives run with a
+Every receiver ends a version with ONE `apply(version, named_tensors)` (or, on shm, `adopt`)
+call holding the complete weight set as views into its receive buffer (the engine contract).
+Receiving never touches the engine, so generation pauses only for that final swap. Collectives run with a
 timeout: a dead or absent peer raises a `WeightSyncError` instead of hanging.
 """
 
@@ -34,15 +37,22 @@ from rlhf_cluster.weight_broadcast import BroadcastGroup, Layout, _view, free_po
 WEIGHTS_GROUP = "weights"  # the rollout actor's concurrency group for sync calls (see driver)
 
 
+SLOTS, PAGE = 2, 4096  # shm double buffering: version k of a group is packed into slot k % 2
+
+
 class WeightSyncError(RuntimeError):
     pass
 
 
 class ShmSegment:
-    """A /dev/shm file mapped as one flat uint8 tensor. The creator unlinks it once every
-    receiver has mapped it, so it disappears with the last process even after a crash."""
+    """A /dev/shm file mapped as one flat uint8 tensor holding SLOTS page-aligned slots of
+    `slot_bytes` each. The creator unlinks it once every receiver has mapped it, so it
+    disappears with the last process even after a crash; the mapping lives as long as any
+    tensor viewing it (an engine that adopted views keeps serving from it after a re-form)."""
 
-    def __init__(self, path: str, nbytes: int, create: bool):
+    def __init__(self, path: str, slot_bytes: int, create: bool):
+        self.slot_bytes, self.stride = slot_bytes, -(-slot_bytes // PAGE) * PAGE
+        nbytes = SLOTS * self.stride
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
@@ -54,6 +64,9 @@ class ShmSegment:
         self.path, self.nbytes = path, nbytes
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes) if nbytes else \
             torch.empty(0, dtype=torch.uint8)
+
+    def slot(self, k: int) -> torch.Tensor:
+        return self.tensor[k * self.stride:k * self.stride + self.slot_bytes]
 
     def unlink(self) -> None:
         if os.path.exists(self.path):
@@ -76,6 +89,7 @@ class SenderEnd:
         self.bcast_group: BroadcastGroup | None = None
         self.timeout_s = 60.0
         self.version = -1
+        self.slot = SLOTS - 1  # the slot of the newest version sent through the current segment
         self.last: dict = {}
 
     @staticmethod
@@ -90,7 +104,7 @@ class SenderEnd:
         """Open the groups `spec` names (blocks until every receiver joined, or times out)."""
         self.close()
         self.layout = Layout.build(spec["meta"], spec["bucket_bytes"])
-        self.timeout_s = spec["timeout_s"]
+        self.timeout_s, self.slot = spec["timeout_s"], SLOTS - 1
         started = time.perf_counter()
         try:
             if spec.get("shm"):
@@ -125,25 +139,26 @@ class SenderEnd:
             raise WeightSyncError("weight sync: the sender is not connected to a sync group")
         it = iter(items)
         started = time.perf_counter()
+        slot = (self.slot + 1) % SLOTS
         try:
             if self.shm_group is not None:
                 self.shm_group.barrier()  # every shm receiver swapped the previous version in
             if self.segment is not None or self.bcast_group is not None:
-                self._pack_and_broadcast(it)
+                self._pack_and_broadcast(it, slot)
             if self.shm_group is not None:
-                self.shm_group.barrier()  # the segment holds the new version
+                self.shm_group.barrier(slot)  # the slot holds the new version (receivers learn which)
         except Exception as exc:
             for _ in it:
                 pass
             raise _fail("sending", version, started, self.timeout_s, exc) from exc
-        self.version = version
+        self.version, self.slot = version, slot
         self.last = {"version": version, "seconds": time.perf_counter() - started,
                      "bytes": self.layout.total, "buckets": len(self.layout.buckets)}
         return self.last
 
-    def _pack_and_broadcast(self, it: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """Pack bucket k (into the segment, or into one of two ring buffers) while bucket k-1
-        is on the wire; with a segment every bucket has its own range, so nothing waits."""
+    def _pack_and_broadcast(self, it: Iterator[tuple[str, torch.Tensor]], slot: int) -> None:
+        """Pack bucket k (into the segment's `slot`, or into one of two ring buffers) while
+        bucket k-1 is on the wire; in the segment every bucket has its own range, so nothing waits."""
         layout, group = self.layout, self.bcast_group
         ring = None
         if self.segment is None:
@@ -155,7 +170,7 @@ class SenderEnd:
                     pending.pop(0).wait()  # the ring slot of bucket k-2 is free again
                 buf, base = ring[k % 2], start  # flat offset x lives at buf[x - base]
             else:
-                buf, base = self.segment.tensor, 0
+                buf, base = self.segment.slot(slot), 0
             for i in bucket:
                 name, shape, dtype_str = layout.meta[i]
                 got = next(it, None)
@@ -181,7 +196,8 @@ class ReceiverEnd:
         self.kind: str | None = None
         self.layout: Layout | None = None
         self.group: BroadcastGroup | None = None
-        self.flat: torch.Tensor | None = None
+        self.flat: torch.Tensor | None = None  # broadcast: the receive buffer
+        self.segment: ShmSegment | None = None  # shm
         self.timeout_s = 60.0
         self.version = -1
 
@@ -196,7 +212,7 @@ class ReceiverEnd:
             if self.kind == "shm":
                 self.group = open_group(g["host"], g["port"], spec["rank"], g["world_size"], "gloo",
                                         self.timeout_s)
-                self.flat = ShmSegment(g["path"], self.layout.total, create=False).tensor
+                self.segment = ShmSegment(g["path"], self.layout.total, create=False)
                 self.group.barrier()  # mapped: the sender may unlink the file
             elif self.kind == "broadcast":
                 self.group = open_group(g["host"], g["port"], spec["rank"], g["world_size"], g["backend"],
@@ -210,24 +226,31 @@ class ReceiverEnd:
                         self.timeout_s, exc) from exc
 
     def close(self) -> None:
-        self.kind = self.layout = self.group = self.flat = None
+        # An engine that adopted views keeps the old mapping alive (and serves from it) until
+        # the first version over the new group: never mmap.close() it here.
+        self.kind = self.layout = self.group = self.flat = self.segment = None
 
-    def receive(self, version: int, apply: Callable[[int, dict[str, torch.Tensor]], object]) -> int:
-        """Receive one version into the flat buffer, then apply(version, complete views) once."""
+    def receive(self, version: int, apply: Callable[[int, dict[str, torch.Tensor]], object],
+                adopt: Callable[[int, dict[str, torch.Tensor]], object] | None = None) -> int:
+        """Receive one version, then hand the complete set of views to the engine once: on shm
+        to `adopt` when given (views into the shared slot, valid and unchanged until the next
+        version), else to `apply`, which copies them in (the broadcast buffer is single)."""
         if self.group is None:
             raise WeightSyncError("weight sync: this worker is not connected to a sync group")
         started = time.perf_counter()
         try:
             if self.kind == "shm":
                 self.group.barrier()  # we swapped the previous version: the sender may overwrite
-                self.group.barrier()  # the new version is in the segment
+                flat = self.segment.slot(round(self.group.barrier()))  # the new version is in this slot
             else:
                 works = [self.group.broadcast(self.flat[start:end]) for start, end in self.layout.ranges]
                 for work in works:
                     work.wait()
+                flat = self.flat
         except Exception as exc:
             raise _fail(f"receiving ({self.kind})", version, started, self.timeout_s, exc) from exc
-        apply(version, self.layout.views(self.flat))
+        swap = adopt if adopt is not None and self.kind == "shm" else apply
+        swap(version, self.layout.views(flat))
         self.version = version
         return version
 
@@ -248,7 +271,8 @@ def param_meta(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[t
 
 
 class SwapGuard:
-    """Engine proxy whose `generate` and `update_weights` never overlap.
+    """Engine proxy whose `generate` and weight swaps (`update_weights`, `adopt_weights`)
+    never overlap.
 
     Sync calls run on their own thread of the rollout actor (concurrency group `weights`), so
     a version is received while the engine keeps generating; only the swap waits for the
@@ -268,6 +292,15 @@ class SwapGuard:
     def update_weights(self, version: int, named_tensors: dict[str, torch.Tensor]) -> None:
         with self._lock:
             self._engine.update_weights(version, named_tensors)
+
+    @property
+    def can_adopt(self) -> bool:
+        """The engine implements the optional `adopt_weights` (actors.engine)."""
+        return hasattr(self._engine, "adopt_weights")
+
+    def adopt_weights(self, version: int, named_tensors: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self._engine.adopt_weights(version, named_tensors)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

@@ -50,6 +50,14 @@ def assert_serving(workers, version, learner_weights):
             assert torch.equal(served[name], tensor), name
 
 
+def assert_learner_recomputes(group, episodes, probe):
+    """The learner's logprobs of the sampled tokens equal the engine's: it served the weights."""
+    shards = [collate(s, probe.pad_token_id()) for s in shard_episodes(episodes, 2)]
+    for shard, lp in zip(shards, group.logprobs(shards)):
+        mask = shard.loss_mask.bool()
+        assert torch.allclose(lp[mask], shard.old_logprobs[mask], atol=1e-4)
+
+
 def test_assign_transports():
     nodes = ["a", "b", "a"]
     assert assign_transports("auto", "a", nodes, "gloo") == ["shm", "broadcast", "shm"]
@@ -88,10 +96,7 @@ def test_every_transport_serves_the_learner_weights_after_each_sync(stage, ray_s
         # the synced engine samples; the learner recomputes the same logprobs on those tokens
         episodes = ray.get(workers[1].rollout.remote(tasks, SAMPLING, 99))
         assert {ep.policy_version for ep in episodes} == {version}
-        shards = [collate(s, probe.pad_token_id()) for s in shard_episodes(episodes, 2)]
-        for shard, lp in zip(shards, group.logprobs(shards)):
-            mask = shard.loss_mask.bool()
-            assert torch.allclose(lp[mask], shard.old_logprobs[mask], atol=1e-4)
+        assert_learner_recomputes(group, episodes, probe)
     finally:
         group.shutdown()
         for w in workers:
