@@ -321,6 +321,11 @@ def validate(cfg: Any) -> None:
                           f"{cfg.rollout.num_gpus_per_worker}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p!r} must be in (0, 1]")
+    from rlhf_cluster.weight_sync import ROLLOUT_CONCURRENCY
+
+    if cfg.rl.max_buffered_batches >= ROLLOUT_CONCURRENCY:
+        raise ConfigError(f"rl.max_buffered_batches={cfg.rl.max_buffered_batches} must be at most "
+                          f"{ROLLOUT_CONCURRENCY - 1} (a rollout worker holds {ROLLOUT_CONCURRENCY} queued calls)")
     if cfg.rollout.max_workers is not None and cfg.rollout.max_workers < cfg.rollout.num_workers:
         raise ConfigError(f"rollout.max_workers={cfg.rollout.max_workers} must be >= rollout.num_workers="
                           f"{cfg.rollout.num_workers} (or null for no cap)")

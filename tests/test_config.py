@@ -64,3 +64,11 @@ def test_curation_and_rm_keys_are_checked_together():
         load_config(QS, ["run.stages=[sft,rl]"])
     cfg = load_config(QS, ["run.stages=[sft,rl]", "reward.services.preference.path=/models/rm"])
     assert cfg.reward.services.preference.path == "/models/rm"
+
+
+def test_buffered_batches_fit_in_a_rollout_worker():
+    from rlhf_cluster.weight_sync import ROLLOUT_CONCURRENCY
+
+    load_config("configs/quickstart.yaml", [f"rl.max_buffered_batches={ROLLOUT_CONCURRENCY - 1}"])
+    with pytest.raises(ConfigError, match=f"rl.max_buffered_batches={ROLLOUT_CONCURRENCY} must be at most"):
+        load_config("configs/quickstart.yaml", [f"rl.max_buffered_batches={ROLLOUT_CONCURRENCY}"])
