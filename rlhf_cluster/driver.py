@@ -61,12 +61,16 @@ def prepare_inputs(cfg: Any) -> None:
 
 @dataclass
 class Actors:
-    workers: list
     learner: Any
     router: Any
     services: dict
-    sync: WeightSync
+    sync: WeightSync  # owns the rollout-worker membership (join/leave)
     adapter: Any  # the driver's own copy, for rendering SFT targets and learner masks
+
+    @property
+    def workers(self) -> list:
+        """The rollout workers: the weight sync's members, so there is one list to keep."""
+        return self.sync.workers
 
 
 def engine_options(cfg: Any) -> dict:
@@ -94,8 +98,7 @@ def start_actors(cfg: Any) -> Actors:
     try:  # a failed start must not leave named actors behind for the next run
         services, router = start_reward_services(cfg, adapter.pad_id)
         workers = start_rollout_workers(cfg)
-        return Actors(workers, learner, router, services,
-                      WeightSync.from_config(cfg, workers, learner), adapter)
+        return Actors(learner, router, services, WeightSync.from_config(cfg, workers, learner), adapter)
     except BaseException:
         learner.shutdown()
         kill_actors([*services.values(), *workers])
@@ -270,7 +273,7 @@ def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: M
     finally:
         pipeline.close()
         writer.shutdown(wait=True)
-        kill_actors(scaler.close())
+        kill_actors(scaler.owned_actors())
     actors.sync.wait()
     return rewards
 

@@ -106,8 +106,9 @@ class Scaler:
                                     "retiring": len(self.retiring), "step": step,
                                     "version": self.actors.sync.version})
 
-    def close(self) -> list:
-        """Every actor the scaler still owns (for the run's final kill)."""
+    def owned_actors(self) -> list:
+        """Every actor the scaler still owns and the run must kill at its end (the control
+        actor, workers still starting or retiring; members are the weight sync's)."""
         return [self.control, *[a for _, a, _ in self.starting], *[a for _, a, _ in self.retiring]]
 
     def _start(self, step: int, count: int) -> None:
@@ -131,9 +132,8 @@ class Scaler:
             except ray.exceptions.RayError as exc:
                 self._event(step, "failed", index, error=str(exc)[:500])
                 continue
-            version = self.actors.sync.join(actor)  # serves the current version before returning
-            with self.lock:
-                self.actors.workers = [*self.actors.workers, actor]
+            with self.lock:  # no batch reaches it before it serves the current version
+                version = self.actors.sync.join(actor)
             self.index[actor] = index
             self._event(step, "joined", index, version=version)
 
@@ -146,9 +146,8 @@ class Scaler:
         while count and len(self.actors.workers) > 1:
             with self.lock:
                 actor = self.actors.workers[-1]
-                self.actors.workers = self.actors.workers[:-1]
+                self.actors.sync.leave(actor)
                 last = self.last_submitted
-            self.actors.sync.leave(actor)
             self.retiring.append((self.index[actor], actor, last))
             self._event(step, "left", self.index[actor], version=self.actors.sync.version)
             count -= 1

@@ -89,7 +89,7 @@ def test_scale_up_and_down_keeps_weights_versions_and_episodes(tmp_path, ray_ses
         assert events[1]["version"] == 1
         assert ray.get(scaler.control.status.remote())["workers"] == 1
     finally:
-        kill_actors([*(scaler.close() if scaler else []), *actors.sync.workers, *actors.services.values()])
+        kill_actors([*(scaler.owned_actors() if scaler else []), *actors.sync.workers, *actors.services.values()])
         actors.sync.close()
         actors.learner.shutdown()
 
