@@ -76,6 +76,19 @@ def connect(cluster_cfg: Any, address: str | None = None, token_path: str | None
             "dashboard": f"http://{url}" if url else None, "embedded": embedded}
 
 
+def check_namespace_free() -> None:
+    """Fail before any actor starts if the namespace already holds named actors. A job's actor
+    names (`rollout-0`, `learner-0`, `rollout-scale`, ...) are unique only per namespace, so a
+    second job there would otherwise die at its first named actor, maybe after a long rm stage."""
+    namespace = ray.get_runtime_context().namespace
+    taken = sorted(ray.util.list_named_actors())
+    if taken:
+        shown = ", ".join(taken[:6]) + (", ..." if len(taken) > 6 else "")
+        raise RuntimeError(f"cluster.namespace={namespace!r} already has running named actors ({shown}): "
+                           f"another job uses it. Give this job its own namespace, e.g. "
+                           f"cluster.namespace={namespace}-2")
+
+
 def kill_actors(handles: list, timeout_s: float = 30.0) -> None:
     """Kill actors and wait until they are dead. `ray.kill` only starts the kill; until the
     actor is dead its name stays taken, so a run started right after (a test, a retried job)

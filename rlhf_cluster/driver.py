@@ -22,12 +22,12 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
-from rlhf_cluster.cluster import connect, kill_actors
+from rlhf_cluster.cluster import check_namespace_free, connect, kill_actors
 from rlhf_cluster.config import to_yaml
 from rlhf_cluster.data.tasks import Task, load_tasks
 from rlhf_cluster.elastic import Scaler
 from rlhf_cluster.experience import Episode, collate, shard_episodes
-from rlhf_cluster.metrics import MetricsSink, Progress, plot_rewards, write_rollouts
+from rlhf_cluster.metrics import MetricsSink, Progress, plot_async, plot_rewards, write_rollouts
 from rlhf_cluster.rollout_pipeline import RolloutPipeline
 from rlhf_cluster.weight_sync import WeightSync, rollout_actor_class
 
@@ -237,6 +237,11 @@ def sft_stage(cfg: Any, actors: Actors, run_dir: Path, sink: MetricsSink) -> Non
     actors.learner.set_lr(cfg.learner.lr)
 
 
+def staleness_bound(cfg: Any) -> int:
+    """K, the most weight versions a trained episode may lag the learner, in `rl.mode`."""
+    return {"sync": 0, "one_step_off": 1, "async": cfg.rl.max_staleness}[cfg.rl.mode]
+
+
 def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: MetricsSink) -> list[float]:
     """GRPO steps in one of three execution modes (`rl.mode`).
 
@@ -250,7 +255,7 @@ def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: M
                 "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
     mode = cfg.rl.mode
     ahead = {"sync": 0, "one_step_off": 1, "async": cfg.rl.max_buffered_batches}[mode]
-    bound = {"sync": 0, "one_step_off": 1, "async": cfg.rl.max_staleness}[mode]
+    bound = staleness_bound(cfg)
     sampler = TaskSampler(tasks, cfg.run.seed)
     progress = Progress(cfg.rl.steps, "rl")
     scaler = Scaler(cfg, actors, run_dir)  # `rlhf-cluster scale N` while this runs
@@ -379,6 +384,7 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
     if not task_set.tasks:
         raise ValueError(f"data.train_path={cfg.data.train_path}: no usable tasks")
     info = connect(cfg.cluster, address=address, token_path=token_path)
+    check_namespace_free()
     print(f"ray: {info['address']} dashboard: {info['dashboard']}  run dir: {run_dir}", flush=True)
     started = time.perf_counter()
     sink = MetricsSink(run_dir)
@@ -401,6 +407,7 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
                 if curve:
                     summary[key] = summarize(curve)
             plot_rewards(sink.rows, run_dir / "reward_curve.png")
+            plot_async(sink.rows, run_dir / "async_loop.png", staleness_bound(cfg))
         actors.learner.save(run_dir / "checkpoint")
         summary["wall_time_s"] = time.perf_counter() - started
         if "reward" in summary:

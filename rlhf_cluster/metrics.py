@@ -80,11 +80,7 @@ class Progress:
 def plot_rewards(rows: list[dict[str, Any]], png: Path, keys: tuple[str, ...] = ("reward_mean",)) -> Path:
     """Reward curves of the rl stage. Components bounded in [0, 1] (verifiers) and unbounded
     ones (reward-model logits, z-scores) go on separate panels, so neither flattens the other."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in rows if r.get("stage") == "rl"]
     steps = [r["step"] for r in rows]
     names = list(keys) + [k for k in dict.fromkeys(k for r in rows for k in r)
@@ -111,3 +107,58 @@ def plot_rewards(rows: list[dict[str, Any]], png: Path, keys: tuple[str, ...] = 
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def plot_async(rows: list[dict[str, Any]], png: Path, bound: int) -> Path:
+    """How the actor-learner loop behaved, per rl step: staleness against its bound K with the
+    episodes dropped for it, the off-policy importance ratios, and where each step's time went
+    (a step that waits on generation shows the loop is not hiding it)."""
+    plt = _pyplot()
+    rows = [r for r in rows if r.get("stage") == "rl"]
+    steps = [r["step"] for r in rows]
+
+    def col(key: str) -> list[float]:
+        return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
+
+    fig, (stale_ax, ratio_ax, time_ax) = plt.subplots(1, 3, figsize=(18, 4))
+    stale_ax.axhline(bound, color="red", linestyle=":", label=f"bound K={bound}")
+    stale_ax.plot(steps, col("staleness_max"), marker=".", label="max")
+    stale_ax.plot(steps, col("staleness_mean"), linestyle="--", label="mean")
+    stale_ax.set_ylabel("weight versions")
+    stale_ax.set_ylim(0, max([bound, *(r.get("staleness_max") or 0 for r in rows)]) + 1)
+    dropped_ax = stale_ax.twinx()
+    dropped_ax.bar(steps, col("dropped_stale"), color="grey", alpha=0.4, label="dropped as stale")
+    dropped_ax.set_ylabel("episodes dropped as stale")
+    dropped_ax.set_ylim(0, max([1.0, *(r.get("dropped_stale") or 0 for r in rows)]) * 1.1)
+    dropped_ax.legend(fontsize=8, loc="upper right")
+    stale_ax.set_title("staleness of trained episodes")
+    for key in ("train.ratio_mean", "train.ratio_max", "train.is_weight_mean", "train.clip_frac"):
+        if any(r.get(key) is not None for r in rows):
+            ratio_ax.plot(steps, col(key), label=key.removeprefix("train."))
+    ratio_ax.axhline(1.0, color="black", linewidth=0.5)
+    ratio_ax.set_title("importance ratios (learner / behaviour)")
+    bottom = [0.0] * len(rows)
+    for key, label in (("gen_wait_s", "waiting for rollouts"), ("score_time_s", "scoring"),
+                       ("train_time_s", "training"), ("sync_time_s", "weight sync + scaling")):
+        values = [0.0 if math.isnan(v) else v for v in col(key)]
+        time_ax.bar(steps, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    time_ax.set_title("driver time per step (s)")
+    for ax in (stale_ax, ratio_ax, time_ax):
+        ax.set_xlabel("rl step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"rlhf-cluster: actor-learner loop ({rows[0].get('mode', '?') if rows else '?'} mode)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -16,7 +16,7 @@ from rlhf_cluster import cli
 from rlhf_cluster.config import ConfigError, load_config
 from rlhf_cluster.data.tasks import load_tasks
 from rlhf_cluster.driver import collect_rollouts, kill_actors, start_actors, submit_rollouts
-from rlhf_cluster.elastic import Scaler, scale_rollout_workers
+from rlhf_cluster.elastic import Scaler, ScaleControl, scale_rollout_workers
 from rlhf_cluster.experience import collate
 
 NO_RM = ["reward.services.preference.enabled=false", "reward.weights.preference=0",
@@ -99,6 +99,22 @@ def test_scale_without_a_running_job_and_bad_limits(tmp_path, ray_session, tiny_
     assert "no RL stage running in Ray namespace 'no-such-job'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rollout.max_workers=1 must be >= rollout.num_workers=2"):
         _config(tmp_path, tiny_model_dir, synthetic_dir, "rollout.num_workers=2", "rollout.max_workers=1")
+
+
+
+def test_a_second_job_in_a_busy_namespace_fails_before_starting_actors(tmp_path, ray_session, tiny_model_dir,
+                                                                        synthetic_dir):
+    from rlhf_cluster.driver import run
+
+    holder = ray.remote(ScaleControl).options(name="rollout-scale", num_cpus=0).remote(1, None)
+    ray.get(holder.target.remote())
+    try:
+        with pytest.raises(RuntimeError, match=r"cluster.namespace='rlhf-tests' already has running named "
+                                               r"actors \(rollout-scale\).*cluster.namespace=rlhf-tests-2"):
+            run(_config(tmp_path, tiny_model_dir, synthetic_dir, "run.stages=[rl]"))
+        assert sorted(ray.util.list_named_actors()) == ["rollout-scale"]  # it started nothing
+    finally:
+        kill_actors([holder])
 
 
 HOLDER = """

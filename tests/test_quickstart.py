@@ -73,6 +73,7 @@ def test_run_directory_contents(quickstart_run, tiny_model_dir):
     assert turn["reward"] == pytest.approx(row["reward"]) and turn["preference"] == row["reward.preference"]
     assert len({r["episode_id"] for r in rollouts}) == len(rollouts)
     assert (out / "reward_curve.png").stat().st_size > 10_000
+    assert (out / "async_loop.png").stat().st_size > 10_000
     trained, initial = load_model(out / "checkpoint"), load_model(tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(),
                                                      initial.state_dict().values()))
