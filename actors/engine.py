@@ -62,6 +62,9 @@ class Engine(Protocol):
     # uses it so a version is copied once (into the shared segment); same name checks as
     # `update_weights`, and a later `update_weights` must not write into adopted storage.
 
+    # Optional: `shutdown()` releases what would outlive the process if it were killed outright
+    # (vLLM's shared-memory queues in /dev/shm); called before a rollout worker is killed.
+
     def named_tensors(self) -> dict[str, torch.Tensor]: ...
 
     @property

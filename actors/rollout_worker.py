@@ -76,6 +76,10 @@ class RolloutWorker:
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return self.engine.named_tensors()
 
+    def shutdown(self) -> None:
+        """Shut the engine down before this actor is killed (`driver.stop_rollout_workers`)."""
+        self.engine.shutdown()
+
     # ---- weight-sync receiver (driven by rlhf_cluster.weight_sync.WeightSync) ---------------
 
     def sync_node(self) -> str:

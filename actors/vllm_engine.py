@@ -12,15 +12,21 @@ same ones. The served audio encoder turns them into embeddings inside the vLLM w
 (`embed_audio`), and the prompt goes in with one `<|AUDIO|>` per clip plus those embeddings;
 vLLM expands the placeholder back to the embedding length, which must equal the adapter's.
 
-Weights: `update_weights` maps the learner's names to checkpoint names and reloads them in
-place in every worker (`collective_rpc` -> `reload_weights`, the model's own loader), then drops
-the prefix cache, whose KV entries belong to the old weights. The owning actor runs one call
-at a time, so generation is paused exactly for the swap.
+Weights: `update_weights` maps the learner's names to checkpoint names, writes them once to a
+safetensors file in shared memory, and every worker reloads them in place from that file
+(`collective_rpc("load_hf_weights_file", path)` -> `reload_weights`, the model's own loader),
+then the prefix cache is dropped: its KV entries belong to the old weights. Only the path
+crosses vLLM's RPC; pickling the tensors through it ran at 0.2 GB/s (see docs/vllm.md). The
+owning actor runs one call at a time, so generation is paused exactly for the swap.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -75,7 +81,7 @@ class VLLMEngine:
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.checkpoint_keys = checkpoint_keys(model_path)
         self._version = -1
-        self._weights: dict[str, torch.Tensor] | None = None  # last applied, learner-named
+        self._applied: tuple[mmap.mmap, dict[str, str]] | None = None  # last file, checkpoint->learner names
 
     @property
     def weight_version(self) -> int:
@@ -166,22 +172,47 @@ class VLLMEngine:
         missing = sorted(self.checkpoint_keys - set(stored))
         if unknown or missing:
             raise KeyError(f"weight update v{version}: unknown names {unknown[:5]}, missing {missing[:5]}")
-        copies = {k: v.detach().to("cpu", self.dtype, copy=True).contiguous() for k, v in named_tensors.items()}
-        self.llm.collective_rpc("load_hf_weights", args=(
-            pack({checkpoint_name(self.model_type, k): v for k, v in copies.items()}),))
+        from safetensors.torch import save_file
+
+        tensors = {name: named_tensors[k].detach().to("cpu", self.dtype).contiguous() for name, k in stored.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        fd, path = tempfile.mkstemp(prefix=f"rlhf-vllm-v{version}-", suffix=".safetensors",
+                                    dir=weights_dir(nbytes))
+        try:
+            os.close(fd)
+            save_file(tensors, path)
+            del tensors
+            self.llm.collective_rpc("load_hf_weights_file", args=(path,))
+            with open(path, "rb") as f:  # kept mapped for `named_tensors`; the unlinked file is freed
+                applied = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # with this process
+        finally:
+            os.unlink(path)
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
-        self._weights = copies
+        if self._applied is not None:
+            self._applied[0].close()
+        self._applied = (applied, stored)
         self._version = version
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """The last applied weights (vLLM keeps them fused and repacked, not by these names);
-        before any update, the checkpoint's."""
-        if self._weights is None:
+        """The last applied weights, read back from their file (vLLM keeps them fused and
+        repacked, not by these names); before any update, the checkpoint's."""
+        if self._applied is None:
             from rlhf_cluster.models import load_model
 
             model = load_model(self.model_path)
             return {k: v.detach().to(self.dtype).clone() for k, v in model.named_parameters()}
-        return {k: v.clone() for k, v in self._weights.items()}
+        from safetensors.torch import load
+
+        applied, names = self._applied
+        return {names[k]: v for k, v in load(applied[:]).items()}
+
+    def shutdown(self) -> None:
+        """Stop the engine processes; killed outright they leave their shared-memory message
+        queues in /dev/shm."""
+        self.llm.llm_engine.engine_core.shutdown()
+        if self._applied is not None:
+            self._applied[0].close()
+            self._applied = None
 
     def sleep(self, level: int = 1) -> None:
         """Free accelerator memory for a colocated learner (level 1 keeps weights on the host)."""
@@ -194,3 +225,12 @@ class VLLMEngine:
             raise RuntimeError("vLLM sleep mode is not available on this platform (CUDA/ROCm/XPU only)")
         self.llm.wake_up()
         self.llm.reset_prefix_cache()
+
+
+def weights_dir(nbytes: int) -> str:
+    """Where a weight update's file goes: shared memory when it has room (no disk I/O), else the
+    temporary directory (containers often cap /dev/shm at 64 MB)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * nbytes:
+        return str(shm)
+    return tempfile.gettempdir()

@@ -1,8 +1,8 @@
 """Methods mixed into every vLLM worker process (`worker_extension_cls`), called through
 `LLM.collective_rpc`. They live in an importable module because vLLM spawns its workers.
 
-Tensors cross the RPC boundary as safetensors bytes: vLLM's RPC encoding turns bare tensor
-arguments into nested lists."""
+Audio features and embeddings cross the RPC boundary as safetensors bytes (vLLM's RPC encoding
+turns bare tensor arguments into nested lists); weights come as a file path."""
 
 from __future__ import annotations
 
@@ -19,14 +19,18 @@ def unpack(blob: bytes) -> dict[str, torch.Tensor]:
 
 
 class VLLMWorkerExtension:
-    def load_hf_weights(self, blob: bytes) -> int:
-        """Copy checkpoint-named weights into the running model in place.
+    def load_hf_weights_file(self, path: str) -> int:
+        """Copy the checkpoint-named weights of a safetensors file into the running model in place.
 
-        `reload_weights` goes through the model's own loader (fused qkv / gate_up, tensor-parallel
-        sharding, the CPU backend's repacking), which calling `load_weights` directly skips."""
-        weights = unpack(blob)
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
-        return len(weights)
+        The file is memory-mapped and streamed tensor by tensor. `reload_weights` goes through the
+        model's own loader (fused qkv / gate_up, tensor-parallel sharding, the CPU backend's
+        repacking), which calling `load_weights` directly skips."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            self.model_runner.reload_weights(weights_iterator=((k, f.get_tensor(k)) for k in names))
+        return len(names)
 
     @torch.inference_mode()
     def embed_audio(self, blob: bytes) -> bytes:

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learners.worker import LearnerWorker
 from rlhf_cluster.batch import TrainBatch
-from rlhf_cluster.cluster import kill_actors
+from rlhf_cluster.cluster import stop_actors
 
 
 @ray.remote(num_cpus=0)
@@ -121,7 +121,5 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         """Best-effort clean exit (a rank stuck in a collective will not answer), then kill."""
-        refs = [w.shutdown.remote() for w in self.workers]
-        ray.wait(refs, num_returns=len(refs), timeout=10)
-        kill_actors(self.workers)  # waits, so the names are free for the next group
+        stop_actors(self.workers, timeout_s=10)  # waits, so the names are free for the next group
         remove_placement_group(self.pg)

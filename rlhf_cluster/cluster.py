@@ -89,6 +89,15 @@ def check_namespace_free() -> None:
                            f"cluster.namespace={namespace}-2")
 
 
+def stop_actors(handles: list, timeout_s: float = 30.0) -> None:
+    """Ask each actor to shut down (its `shutdown` method: a rollout worker's vLLM engine killed
+    outright leaves its shared-memory queues in the node's /dev/shm), then kill them all; a
+    dead or stuck actor is just killed."""
+    refs = [h.shutdown.remote() for h in handles]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    kill_actors(handles)
+
+
 def kill_actors(handles: list, timeout_s: float = 30.0) -> None:
     """Kill actors and wait until they are dead. `ray.kill` only starts the kill; until the
     actor is dead its name stays taken, so a run started right after (a test, a retried job)

@@ -22,7 +22,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
-from rlhf_cluster.cluster import check_namespace_free, connect, kill_actors
+from rlhf_cluster.cluster import check_namespace_free, connect, kill_actors, stop_actors
 from rlhf_cluster.config import to_yaml
 from rlhf_cluster.data.tasks import Task, load_tasks
 from rlhf_cluster.elastic import Scaler
@@ -101,7 +101,8 @@ def start_actors(cfg: Any) -> Actors:
         return Actors(learner, router, services, WeightSync.from_config(cfg, workers, learner), adapter)
     except BaseException:
         learner.shutdown()
-        kill_actors([*services.values(), *workers])
+        stop_actors(workers)
+        kill_actors(list(services.values()))
         raise
 
 
@@ -127,7 +128,7 @@ def start_rollout_workers(cfg: Any) -> list:
     try:
         ray.get([w.ready.remote() for w in workers])
     except BaseException:
-        kill_actors(workers)
+        stop_actors(workers)
         raise
     return workers
 
@@ -278,7 +279,7 @@ def rl_stage(cfg: Any, actors: Actors, tasks: list[Task], run_dir: Path, sink: M
     finally:
         pipeline.close()
         writer.shutdown(wait=True)
-        kill_actors(scaler.owned_actors())
+        scaler.close()
     actors.sync.wait()
     return rewards
 
@@ -427,4 +428,5 @@ def run(cfg: Any, address: str | None = None, token_path: str | None = None) -> 
     finally:
         actors.sync.close()
         actors.learner.shutdown()
-        kill_actors([*actors.sync.workers, *actors.services.values()])
+        stop_actors(actors.sync.workers)
+        kill_actors(list(actors.services.values()))

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from rlhf_cluster.cluster import kill_actors
+from rlhf_cluster.cluster import kill_actors, stop_actors
 
 CONTROL_NAME = "rollout-scale"
 
@@ -100,16 +100,17 @@ class Scaler:
             self._shrink(step, have - target)
         for entry in [r for r in self.retiring if r[2] <= trained_batch]:  # its batches are collected
             self.retiring.remove(entry)
-            kill_actors([entry[1]])
+            stop_actors([entry[1]])
             self._event(step, "killed", entry[0])
         self.control.report.remote({"workers": len(self.actors.workers), "starting": len(self.starting),
                                     "retiring": len(self.retiring), "step": step,
                                     "version": self.actors.sync.version})
 
-    def owned_actors(self) -> list:
-        """Every actor the scaler still owns and the run must kill at its end (the control
-        actor, workers still starting or retiring; members are the weight sync's)."""
-        return [self.control, *[a for _, a, _ in self.starting], *[a for _, a, _ in self.retiring]]
+    def close(self) -> None:
+        """At the run's end, stop what the scaler still owns: workers still starting or retiring
+        and the control actor (members are the weight sync's, stopped with the run)."""
+        stop_actors([a for _, a, _ in self.retiring])
+        kill_actors([self.control, *[a for _, a, _ in self.starting]])  # never served: just killed
 
     def _start(self, step: int, count: int) -> None:
         from rlhf_cluster.driver import create_rollout_workers

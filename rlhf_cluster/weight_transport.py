@@ -302,5 +302,11 @@ class SwapGuard:
         with self._lock:
             self._engine.adopt_weights(version, named_tensors)
 
+    def shutdown(self) -> None:
+        """The engine's optional `shutdown`, once its current `generate` has returned."""
+        with self._lock:
+            if hasattr(self._engine, "shutdown"):
+                self._engine.shutdown()
+
     def __getattr__(self, name):
         return getattr(self._engine, name)

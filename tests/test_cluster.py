@@ -45,3 +45,30 @@ def test_explicit_mode_is_respected_and_missing_file_is_an_error(clean_env, tmp_
 def test_no_token_warns_and_leaves_mode_unset(clean_env, caplog):
     assert cluster.prepare_auth() == "unset"
     assert "No Ray auth token" in caplog.text
+
+
+def test_stop_actors_shuts_down_then_kills_even_a_stuck_one(ray_session, tmp_path):
+    import time
+    from pathlib import Path
+
+    import ray
+
+    class Stoppable:  # defined here: Ray workers cannot import the test module
+        def __init__(self, marker: str, stuck: bool):
+            self.marker, self.stuck = marker, stuck
+
+        def shutdown(self) -> None:
+            if self.stuck:
+                time.sleep(60)
+            Path(self.marker).write_text("shut down")
+
+    clean, stuck = (ray.remote(Stoppable).options(num_cpus=0).remote(str(tmp_path / name), name == "stuck")
+                    for name in ("clean", "stuck"))
+    ray.get([clean.__ray_ready__.remote(), stuck.__ray_ready__.remote()])
+    started = time.monotonic()
+    cluster.stop_actors([clean, stuck], timeout_s=2)
+    assert time.monotonic() - started < 30  # the stuck one did not hold it up past the timeout
+    assert (tmp_path / "clean").read_text() == "shut down" and not (tmp_path / "stuck").exists()
+    for handle in (clean, stuck):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.__ray_ready__.remote(), timeout=10)

@@ -15,7 +15,8 @@ import torch
 from rlhf_cluster import cli
 from rlhf_cluster.config import ConfigError, load_config
 from rlhf_cluster.data.tasks import load_tasks
-from rlhf_cluster.driver import collect_rollouts, kill_actors, start_actors, submit_rollouts
+from rlhf_cluster.cluster import kill_actors, stop_actors
+from rlhf_cluster.driver import collect_rollouts, start_actors, submit_rollouts
 from rlhf_cluster.elastic import Scaler, ScaleControl, scale_rollout_workers
 from rlhf_cluster.experience import collate
 
@@ -89,7 +90,10 @@ def test_scale_up_and_down_keeps_weights_versions_and_episodes(tmp_path, ray_ses
         assert events[1]["version"] == 1
         assert ray.get(scaler.control.status.remote())["workers"] == 1
     finally:
-        kill_actors([*(scaler.owned_actors() if scaler else []), *actors.sync.workers, *actors.services.values()])
+        if scaler:
+            scaler.close()
+        stop_actors(actors.sync.workers)
+        kill_actors(list(actors.services.values()))
         actors.sync.close()
         actors.learner.shutdown()
 

@@ -5,6 +5,9 @@ a Ray `RolloutWorker` actor, a real DeepSpeed `LearnerGroup`, versioned `WeightS
 A vLLM engine that keeps serving old weights, samples from a different distribution than the
 learner recomputes, or reorders n-sample groups fails here."""
 
+import os
+from pathlib import Path
+
 import pytest
 import ray
 import torch
@@ -14,6 +17,7 @@ from actors.engine import GenerationRequest, SamplingParams
 from actors.hf_engine import HFEngine
 from actors.rollout_worker import RolloutWorker
 from learners.group import LearnerGroup
+from rlhf_cluster.cluster import stop_actors
 from rlhf_cluster.data.tasks import load_tasks
 from rlhf_cluster.driver import assign_advantages
 from rlhf_cluster.experience import collate, shard_episodes
@@ -46,8 +50,7 @@ def stack(ray_session, tiny_model_dir, synthetic_dir):
     sync = WeightSync([worker], learner=group)
     yield {"tasks": tasks, "probe": probe, "group": group, "worker": worker, "sync": sync}
     group.shutdown()
-    for w in sync.workers:
-        ray.kill(w)
+    stop_actors(sync.workers)
 
 
 def hf_greedy(probe, weights, tasks):
@@ -169,3 +172,20 @@ def test_update_weights_rejects_incomplete_or_unknown_sets(stack):
     with pytest.raises(ray.exceptions.RayTaskError, match="missing"):
         ray.get(worker.update_weights.remote(100, dict(list(weights.items())[1:])))
     assert ray.get(worker.weight_version.remote()) == stack["sync"].version
+
+
+def test_weights_go_by_file_and_a_stopped_worker_leaves_nothing_in_dev_shm(ray_session, tiny_model_dir):
+    shm = Path("/dev/shm")
+    before = set(os.listdir(shm))
+    worker = start_worker(tiny_model_dir, "vllm-test-rollout-shm")
+    try:
+        engine_files = set(os.listdir(shm)) - before
+        assert any(f.startswith("psm_") for f in engine_files)  # vLLM's shared-memory queues
+        weights = {k: v + 0.01 for k, v in ray.get(worker.named_tensors.remote()).items()}
+        assert ray.get(worker.update_weights.remote(7, weights)) == 7
+        served = ray.get(worker.named_tensors.remote())
+        assert served.keys() == weights.keys() and all(torch.equal(served[k], weights[k]) for k in weights)
+        assert not [f for f in os.listdir(shm) if f.startswith("rlhf-vllm-")]  # unlinked once loaded
+    finally:
+        stop_actors([worker])
+    assert not engine_files & set(os.listdir(shm))  # killed outright, the queues would stay
