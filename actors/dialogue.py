@@ -64,9 +64,9 @@ def _request_id(pos: int, task: Task) -> str:
     return f"{pos}:{task.prompt_id}"
 
 
-def _key(pos: int, task: Task, i: int) -> str:
+def _key(request_id: str, i: int) -> str:
     """One dialogue: the request id of its turn-1 request, then the sample index."""
-    return f"{_request_id(pos, task)}\x1f{i}"
+    return f"{request_id}\x1f{i}"
 
 
 class DialogueRunner:
@@ -95,21 +95,21 @@ class DialogueRunner:
                 if opening is None:  # same opening for every sample: render it once
                     opening = obs
                     prompt_ids, clips = self.adapter.render_prompt(self.system_prompt, obs)
-                live[_key(pos, task, i)] = _Live(
+                live[_key(_request_id(pos, task), i)] = _Live(
                     task, i, env, list(prompt_ids), list(prompt_ids), list(clips),
                     mask=[0] * len(prompt_ids), logprobs=[0.0] * len(prompt_ids),
                     turn_clips=[len(clips)], dialogue=_user_text(obs), pos=pos, step=step)
             requests.append(GenerationRequest(request_id=_request_id(pos, task), prompt_ids=prompt_ids,
                                               audio=self.adapter.audio_inputs(clips), sampling=params))
         results = self._generate(requests)
-        active = [(live[f"{r.request_id}\x1f{r.sample_index}"], r) for r in results]
+        active = [(live[_key(r.request_id, r.sample_index)], r) for r in results]
         single = replace(params, n=1)
         finished: list[_Live] = []
         while active:
             requests, by_id = [], {}
             for d, res in active:
                 if self._advance(d, res, params.max_new_tokens):
-                    rid = _key(d.pos, d.task, d.sample_index)
+                    rid = _key(_request_id(d.pos, d.task), d.sample_index)
                     by_id[rid] = d
                     requests.append(GenerationRequest(
                         request_id=rid, prompt_ids=list(d.context),

@@ -77,7 +77,7 @@ class RolloutWorker:
         return self.engine.named_tensors()
 
     def shutdown(self) -> None:
-        """Shut the engine down before this actor is killed (`driver.stop_rollout_workers`)."""
+        """Shut the engine down before this actor is killed (`rlhf_cluster.cluster.stop_actors`)."""
         self.engine.shutdown()
 
     # ---- weight-sync receiver (driven by rlhf_cluster.weight_sync.WeightSync) ---------------

@@ -110,7 +110,8 @@ class Scaler:
         """At the run's end, stop what the scaler still owns: workers still starting or retiring
         and the control actor (members are the weight sync's, stopped with the run)."""
         stop_actors([a for _, a, _ in self.retiring])
-        kill_actors([self.control, *[a for _, a, _ in self.starting]])  # never served: just killed
+        self._cancel(self.starting)
+        kill_actors([self.control])
 
     def _start(self, step: int, count: int) -> None:
         from rlhf_cluster.driver import create_rollout_workers
@@ -140,9 +141,9 @@ class Scaler:
 
     def _shrink(self, step: int, count: int) -> None:
         while count and self.starting:  # not serving yet: just cancel
-            index, actor, _ = self.starting.pop()
-            kill_actors([actor])
-            self._event(step, "cancelled", index)
+            entry = self.starting.pop()
+            self._cancel([entry])
+            self._event(step, "cancelled", entry[0])
             count -= 1
         while count and len(self.actors.workers) > 1:
             with self.lock:
@@ -152,6 +153,15 @@ class Scaler:
             self.retiring.append((self.index[actor], actor, last))
             self._event(step, "left", self.index[actor], version=self.actors.sync.version)
             count -= 1
+
+    @staticmethod
+    def _cancel(starting: list[tuple[int, Any, Any]]) -> None:
+        """Workers that never served: those already up have an engine to shut down (stop), the
+        others may still wait for resources, so a shutdown call would only wait (kill)."""
+        ready, _ = ray.wait([r for _, _, r in starting], num_returns=len(starting), timeout=0) \
+            if starting else ([], [])
+        stop_actors([a for _, a, r in starting if r in ready])
+        kill_actors([a for _, a, r in starting if r not in ready])
 
     def _event(self, step: int, action: str, worker: int, **extra: Any) -> None:
         row = {"time": time.time(), "step": step, "action": action, "worker": worker, **extra}
